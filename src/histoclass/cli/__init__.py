@@ -1,0 +1,34 @@
+"""The ``histoclass`` command line: thin Typer commands over library functions.
+
+Each command module imports its heavy dependencies inside the command, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+from histoclass.cli import data
+
+app = typer.Typer(
+    name="histoclass",
+    help="Breast-cancer histopathology classification: split, train, ensemble, explain, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data.register(app)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

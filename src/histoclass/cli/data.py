@@ -1,0 +1,90 @@
+"""``histoclass split`` and ``histoclass audit``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from histoclass.cli._common import user_errors
+
+
+def split(
+    data: str = typer.Argument(
+        ..., help="Data folder, CSV with path,label[,group], or 'sample' / 'sample:ucsb' / "
+        "'sample:breakhis' for the real H&E sample bundled with histoclass."
+    ),
+    out: Path = typer.Option(..., "--out", help="Folder for manifest.csv (and skipped.csv)."),
+    protocol: str = typer.Option(
+        "patient", help="patient (patient-disjoint, default) | paper (the study's image-level "
+        "random split: patients leak) | kfold (patient-grouped k folds)."
+    ),
+    seed: int = typer.Option(0, help="Same seed, same manifest, byte for byte."),
+    val: float = typer.Option(0.15, help="Validation fraction."),
+    test: float = typer.Option(0.15, help="Test fraction (patient, paper)."),
+    folds: int = typer.Option(5, help="Number of folds (kfold)."),
+    magnification: list[str] = typer.Option(
+        None, "--magnification", "-m", help="Keep only this magnification (repeatable)."
+    ),
+    groups: Path = typer.Option(None, help="CSV path,group for folders of non-BreakHis names."),
+    workers: int = typer.Option(2, help="Decoding threads."),
+) -> None:
+    """Scan DATA, check every image, and write a split manifest (files are never moved)."""
+    from histoclass.data import make_split, resolve_data, scan, write_manifest
+    from histoclass.data.manifest import split_table
+    from histoclass.data.splits import LEAK_NOTE, split_columns
+
+    with user_errors():
+        result = scan(resolve_data(data), groups=groups, workers=workers, progress=True)
+        frame = make_split(result.frame, protocol, seed=seed, val=val, test=test, folds=folds,
+                           magnifications=magnification or None)
+        path = write_manifest(frame, Path(out) / "manifest.csv")
+    if result.skipped:
+        import pandas as pd
+
+        skipped = pd.DataFrame(result.skipped, columns=["path", "reason"])
+        write_manifest(skipped, Path(out) / "skipped.csv")
+        typer.secho(f"skipped {len(result.skipped)} file(s):", fg=typer.colors.YELLOW)
+        for p, reason in result.skipped:
+            typer.echo(f"  {p}: {reason}")
+    for group in result.duplicates:
+        typer.secho(f"duplicate images: {', '.join(group)}", fg=typer.colors.YELLOW)
+    for col in split_columns(frame):
+        title = "" if col == "split" else f"{col.removeprefix('split_')}: "
+        typer.echo(f"{title}\n{split_table(frame, col).to_string(index=False)}")
+    if protocol == "paper":
+        typer.secho(f"WARNING: {LEAK_NOTE}", fg=typer.colors.RED)
+    typer.echo(f"{result.summary()}; manifest: {path}")
+
+
+def audit(manifest: Path = typer.Argument(..., help="Manifest CSV to check.")) -> None:
+    """Exit non-zero naming patients and duplicate images that cross splits."""
+    from histoclass.data import audit as run_audit
+    from histoclass.data import read_manifest
+
+    with user_errors():
+        report = run_audit(read_manifest(manifest))
+    if report.clean:
+        typer.echo(
+            f"clean: {report.n_images} images, {report.n_patients} patients, no patient or "
+            f"duplicate image crosses splits ({', '.join(report.columns)})"
+        )
+        return
+    for col in report.columns:
+        if report.leaking_patients[col]:
+            pats = report.leaking_patients[col]
+            typer.secho(f"{col}: {len(pats)} patient(s) in several splits: {', '.join(pats)}",
+                        fg=typer.colors.RED)
+        if report.leaking_duplicates.get(col):
+            frame = read_manifest(manifest)
+            for sha in report.leaking_duplicates[col]:
+                rows = frame[frame["sha256"] == sha]
+                where = ", ".join(f"{p} ({s})" for p, s in zip(rows["path"], rows[col]))
+                typer.secho(f"{col}: duplicate image across splits: {where}", fg=typer.colors.RED)
+    raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the CLI."""
+    app.command()(split)
+    app.command()(audit)

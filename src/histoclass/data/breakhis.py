@@ -1,0 +1,114 @@
+"""BreakHis file-name parsing and the dataset's label vocabulary.
+
+A BreakHis file name such as ``SOB_B_A-14-22549AB-40-001.png`` encodes the biopsy procedure
+(``SOB``), the class (``B`` benign / ``M`` malignant), the tumour subtype (``A``), the year
+(``14``), the slide id (``22549AB``), the magnification (``40``) and a sequence number (``001``).
+
+Patient identity: BreakHis gives no patient column, only slide ids. Slides cut from one patient
+share the numeric stem and differ by a letter suffix (``22549AB``, ``22549CD``, ``22549G``), and
+patient ``14-13412`` appears under both ductal and lobular carcinoma. We therefore define
+``patient_id = "<year>-<numeric stem>"`` (e.g. ``14-22549``): it ignores the suffix and the
+subtype, so every image of one patient lands in the same split.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+LABELS: tuple[str, ...] = ("benign", "malignant")
+
+# Subtype codes in the order BreakHis lists them (4 benign, then 4 malignant).
+SUBTYPE_CODES: dict[str, str] = {
+    "A": "adenosis",
+    "F": "fibroadenoma",
+    "PT": "phyllodes_tumor",
+    "TA": "tubular_adenoma",
+    "DC": "ductal_carcinoma",
+    "LC": "lobular_carcinoma",
+    "MC": "mucinous_carcinoma",
+    "PC": "papillary_carcinoma",
+}
+SUBTYPES: tuple[str, ...] = tuple(SUBTYPE_CODES.values())
+SUBTYPE_LABEL: dict[str, str] = {
+    name: ("benign" if i < 4 else "malignant") for i, name in enumerate(SUBTYPES)
+}
+MAGNIFICATIONS: tuple[str, ...] = ("40X", "100X", "200X", "400X")
+
+_NAME = re.compile(
+    r"^(?P<procedure>[A-Z]+)_(?P<cls>[BM])_(?P<code>A|F|PT|TA|DC|LC|MC|PC)-"
+    r"(?P<year>\d{2})-(?P<slide>(?P<stem>\d+)[A-Z]*)-(?P<mag>40|100|200|400)-(?P<seq>\d+)$",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class BreakHisName:
+    """The fields encoded in one BreakHis file name."""
+
+    procedure: str
+    label: str
+    subtype: str
+    subtype_code: str
+    year: str
+    slide_id: str
+    patient_id: str
+    magnification: str
+    sequence: int
+
+
+def parse_name(name: str) -> BreakHisName | None:
+    """Parse a BreakHis file name (with or without folder and extension).
+
+    Args:
+        name: File name or path, e.g. ``SOB_B_A-14-22549AB-40-001.png``.
+
+    Returns:
+        The parsed fields, or ``None`` when the name is not a BreakHis name.
+
+    Raises:
+        ValueError: The class letter contradicts the subtype (``SOB_B_DC-...``): such a file is
+            mislabelled and must not be trained on silently.
+    """
+    stem = name.replace("\\", "/").rsplit("/", 1)[-1]
+    stem = stem.rsplit(".", 1)[0] if "." in stem else stem
+    m = _NAME.match(stem)
+    if m is None:
+        return None
+    code = m["code"].upper()
+    subtype = SUBTYPE_CODES[code]
+    label = "benign" if m["cls"].upper() == "B" else "malignant"
+    if SUBTYPE_LABEL[subtype] != label:
+        raise ValueError(
+            f"{name!r}: class letter {m['cls']!r} contradicts subtype {code!r} "
+            f"({subtype} is {SUBTYPE_LABEL[subtype]})"
+        )
+    return BreakHisName(
+        procedure=m["procedure"].upper(),
+        label=label,
+        subtype=subtype,
+        subtype_code=code,
+        year=m["year"],
+        slide_id=m["slide"].upper(),
+        patient_id=f"{m['year']}-{m['stem']}",
+        magnification=f"{m['mag']}X",
+        sequence=int(m["seq"]),
+    )
+
+
+def label_from_folder(part: str) -> tuple[str, str] | None:
+    """Map a folder name to ``(label, subtype)``; subtype is ``""`` for plain class folders.
+
+    Accepts ``benign``/``malignant``, subtype names (``ductal_carcinoma``, ``ductal carcinoma``)
+    and BreakHis codes (``DC``), case-insensitively.
+    """
+    key = part.strip().lower().replace(" ", "_").replace("-", "_")
+    if key in LABELS:
+        return key, ""
+    if key in SUBTYPE_LABEL:
+        return SUBTYPE_LABEL[key], key
+    code = part.strip().upper()
+    if code in SUBTYPE_CODES:
+        subtype = SUBTYPE_CODES[code]
+        return SUBTYPE_LABEL[subtype], subtype
+    return None

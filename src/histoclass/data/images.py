@@ -1,0 +1,120 @@
+"""Safe image decoding: every file becomes 8-bit RGB or a clear error naming it."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
+)
+# BreakHis images are 0.3 MP and a whole tissue-microarray core a few MP; anything far above is
+# a whole-slide image or a decompression bomb, which this tool does not tile.
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class ImageLoadError(ValueError):
+    """A file that cannot be decoded into an RGB image; the message names the file."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a scan needs to know about one readable image file."""
+
+    width: int
+    height: int
+    mode: str
+    sha256: str
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB, scaling high bit depths instead of clipping them."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Transparent pixels become white, the colour of empty glass in a bright-field scan.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    if not path.is_file():
+        raise ImageLoadError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageLoadError(
+                    path, f"image too large: {w}x{h} = {w * h} pixels > limit {max_pixels}"
+                )
+            img.load()  # decode now: a truncated file fails here, not in a worker later
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(path, f"image too large: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(path, f"corrupt or truncated image ({exc})") from None
+    return img
+
+
+def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file to 8-bit RGB.
+
+    Grayscale, palette, RGBA (composited on white) and 16-bit images are converted; anything
+    that cannot be decoded raises :class:`ImageLoadError` naming the file and the reason.
+
+    Args:
+        path: Image file.
+        max_pixels: Refuse images with more pixels than this.
+    """
+    path = Path(path)
+    img = _open(path, max_pixels)
+    try:
+        return _to_rgb(img)
+    except (OSError, ValueError) as exc:
+        raise ImageLoadError(path, f"cannot convert mode {img.mode!r} to RGB ({exc})") from None
+
+
+def inspect_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Fully decode an image (to prove it is readable) and hash its bytes.
+
+    Raises:
+        ImageLoadError: The file is missing, empty, not an image, corrupt, truncated or too large.
+    """
+    path = Path(path)
+    img = _open(path, max_pixels)
+    mode = img.mode
+    try:
+        _to_rgb(img)
+    except (OSError, ValueError) as exc:
+        raise ImageLoadError(path, f"cannot convert mode {mode!r} to RGB ({exc})") from None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return ImageInfo(img.width, img.height, mode, digest)
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    """A PIL RGB image as a contiguous ``HxWx3`` uint8 array."""
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
