@@ -1,0 +1,5 @@
+"""``python -m histoclass`` runs the CLI."""
+
+from histoclass.cli import main
+
+main()
