@@ -79,7 +79,8 @@ def audit(manifest: Path = typer.Argument(..., help="Manifest CSV to check.")) -
             frame = read_manifest(manifest)
             for sha in report.leaking_duplicates[col]:
                 rows = frame[frame["sha256"] == sha]
-                where = ", ".join(f"{p} ({s})" for p, s in zip(rows["path"], rows[col]))
+                pairs = zip(rows["path"], rows[col], strict=True)
+                where = ", ".join(f"{p} ({s})" for p, s in pairs)
                 typer.secho(f"{col}: duplicate image across splits: {where}", fg=typer.colors.RED)
     raise typer.Exit(1)
 

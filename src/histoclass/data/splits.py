@@ -61,7 +61,7 @@ def _carve(labels: pd.Series, fractions: dict[str, float], rng: np.random.Genera
         order = list(rng.permutation(sorted(ids.index)))
         start = 0
         for name, frac in fractions.items():
-            n = int(round(frac * len(order)))
+            n = round(frac * len(order))
             if frac > 0 and n == 0 and len(order) - start > 1:
                 n = 1  # a split asked for should see every class when there is a patient to spare
             for gid in order[start:start + n]:

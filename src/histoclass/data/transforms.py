@@ -53,7 +53,8 @@ class Preprocess:
     def to_dict(self) -> dict[str, Any]:
         """Plain types, safe for ``torch.load(weights_only=True)`` and JSON."""
         d = asdict(self)
-        d["input_size"], d["mean"], d["std"] = list(self.input_size), list(self.mean), list(self.std)
+        for key in ("input_size", "mean", "std"):
+            d[key] = list(d[key])
         return d
 
     @classmethod

@@ -1,0 +1,134 @@
+"""Self-describing checkpoints: weights plus everything needed to use them, in plain types.
+
+A checkpoint is a dict ``{"state_dict": ..., "meta": ...}`` saved with ``torch.save`` and read
+with ``torch.load(weights_only=True)``, so it can never run code on load. ``meta`` holds only
+str/int/float/bool/None/list/dict values:
+
+``format`` (``histoclass-checkpoint``), ``version`` (1), ``kind`` (``member``), ``arch`` (the
+name given, e.g. ``v2-b0``), ``timm_name``, ``num_classes``, ``classes``, ``task``
+(``binary``/``subtype``), ``drop_rate``, ``preprocess`` (see
+:class:`histoclass.data.transforms.Preprocess`), ``stain`` (fitted normaliser or ``None``),
+``config`` (training settings), ``history`` (per-epoch rows), ``metrics`` (best validation
+metrics), ``histoclass_version``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from histoclass.data.transforms import Preprocess
+
+FORMAT = "histoclass-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable histoclass checkpoint."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temp file and rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def member_meta(
+    arch: str,
+    timm_name: str,
+    classes: list[str] | tuple[str, ...],
+    preprocess: Preprocess,
+    *,
+    task: str = "binary",
+    drop_rate: float = 0.3,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The required metadata of a member checkpoint; ``extra`` adds config, history, metrics."""
+    return {
+        "arch": arch, "timm_name": timm_name, "num_classes": len(classes),
+        "classes": list(classes), "task": task, "drop_rate": float(drop_rate),
+        "preprocess": preprocess.to_dict(), "stain": None, "config": {}, "history": [],
+        "metrics": {}, **extra,
+    }
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write weights (contiguous CPU tensors) and metadata atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    full = {"format": FORMAT, "version": VERSION, "kind": "member", **meta}
+    from histoclass import __version__
+
+    full.setdefault("histoclass_version", __version__)
+    return atomic_save({"state_dict": state, "meta": full}, path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file safely (``weights_only=True``) and check its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors of many kinds
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from None
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a histoclass checkpoint (no '{FORMAT}' metadata)")
+    if meta.get("version", 0) > VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {meta['version']} is newer than this "
+            f"histoclass understands ({VERSION}); upgrade histoclass"
+        )
+    return obj
+
+
+def build_model(meta: dict[str, Any]) -> nn.Module:
+    """The architecture described by ``meta``, randomly initialised (no download)."""
+    import timm
+
+    return timm.create_model(meta["timm_name"], pretrained=False,
+                             num_classes=meta["num_classes"], drop_rate=meta.get("drop_rate", 0))
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model of a member checkpoint in eval mode, and return it with its metadata."""
+    obj = read_checkpoint(path)
+    meta = obj["meta"]
+    if meta.get("kind") != "member":
+        raise CheckpointError(f"{path}: a {meta.get('kind')!r} file, not a member checkpoint")
+    model = build_model(meta)
+    try:
+        model.load_state_dict(obj["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit {meta['timm_name']} ({exc})") from None
+    return model.to(device).eval(), meta
+
+
+def preprocess_of(meta: dict[str, Any]) -> Preprocess:
+    """The preprocessing stored in a checkpoint's metadata."""
+    return Preprocess.from_dict(meta["preprocess"])
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a file (ensembles record their members' hashes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

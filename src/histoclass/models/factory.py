@@ -1,0 +1,129 @@
+"""Create a timm backbone with a new head, from hub weights, a local file or from scratch."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from histoclass.data.transforms import Preprocess
+from histoclass.models.members import resolve_arch
+
+log = logging.getLogger(__name__)
+
+
+class WeightsError(ValueError):
+    """A weights file that is missing, unreadable, or does not fit the architecture."""
+
+
+def _state_dict_of(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``.pth``/``.pt``/``.bin`` (torch) or ``.safetensors`` state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return _state_dict_of(torch.load(path, map_location="cpu", weights_only=True), path)
+    except WeightsError:
+        raise
+    except Exception as exc:  # torch/safetensors raise many types for a bad file
+        raise WeightsError(f"{path}: cannot read weights ({exc})") from None
+
+
+def _skip(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
+    """Load ImageNet weights from ``path`` into ``model``, leaving its new head as initialised.
+
+    Keys are matched by name; a file with another naming scheme but the same tensors in the same
+    order (EfficientNet-PyTorch ``_conv_stem``/``_blocks`` checkpoints) is matched by order, which
+    is only accepted when every shape agrees. Anything else is an error, never a silent random
+    initialisation.
+    """
+    src = {k: v for k, v in read_weights(path).items() if not _skip(k)}
+    dst = {k: v for k, v in model.state_dict().items() if not _skip(k)}
+    head = {k for k in dst if k.startswith(model.default_cfg.get("classifier", "classifier"))}
+    if not set(dst) - head <= set(src):
+        src_t, dst_t = list(src.values()), list(dst.values())
+        if len(src_t) != len(dst_t) or any(a.shape != b.shape
+                                           for a, b in zip(src_t[:-2], dst_t[:-2], strict=False)):
+            missing = sorted(set(dst) - head - set(src))
+            raise WeightsError(
+                f"{path} does not fit {type(model).__name__}: {len(missing)} tensors missing "
+                f"(e.g. {missing[:3]}) and the tensors do not line up by order either"
+            )
+        log.warning("%s: names differ from timm's; matched %d tensors by order", path, len(dst))
+        src = dict(zip(dst, src_t, strict=True))
+    body = {k: v for k, v in src.items() if k in dst and k not in head}
+    bad = [k for k, v in body.items() if v.shape != dst[k].shape]
+    if bad:
+        raise WeightsError(f"{path}: shape mismatch for {bad[:3]} ({len(bad)} tensors)")
+    missing, _ = model.load_state_dict(body, strict=False)
+    missing = [k for k in missing if k not in head and not _skip(k)]
+    if missing:
+        raise WeightsError(f"{path}: weights missing for {missing[:3]} ({len(missing)} tensors)")
+    log.info("loaded %d backbone tensors from %s", len(body), path)
+
+
+def create_model(
+    arch: str,
+    num_classes: int,
+    *,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    drop_rate: float = 0.3,
+) -> nn.Module:
+    """A timm model with a fresh ``num_classes`` head (global pooling, dropout, linear).
+
+    Args:
+        arch: Member short name (``v2-b0``) or timm name.
+        num_classes: Output logits.
+        pretrained: Download ImageNet weights from the Hugging Face hub (timm's normal path).
+        weights: Local weights file instead of the hub (offline).
+        drop_rate: Dropout before the head (0.3 in the study).
+    """
+    import timm
+
+    name = resolve_arch(arch)
+    if weights is not None:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                  drop_rate=drop_rate)
+        load_backbone_weights(model, weights)
+        return model
+    if not pretrained:
+        log.warning("%s: no pretrained weights, training from random initialisation", name)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                 drop_rate=drop_rate)
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes,
+                                 drop_rate=drop_rate)
+    except Exception as exc:  # network, hub and cache errors come in many types
+        raise WeightsError(
+            f"could not get ImageNet weights for {name} from the Hugging Face hub ({exc}); "
+            "pass --weights FILE to load a local file offline, or --no-pretrained"
+        ) from None
+
+
+def model_preprocess(model: nn.Module, image_size: int | None = None) -> Preprocess:
+    """The model's own preprocessing (timm data config), optionally at another size."""
+    import timm
+
+    return Preprocess.from_data_config(timm.data.resolve_model_data_config(model), image_size)

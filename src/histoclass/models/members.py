@@ -1,0 +1,63 @@
+"""The study's ensemble members as short names over timm architectures.
+
+timm is the registry: a short name is only an alias for a timm name with a pretrained tag, and
+any other timm name (``efficientnet_lite0``, ``convnext_tiny.fb_in1k``...) works as well.
+Kalati et al. fine-tuned the Keras ImageNet-1k weights, whose timm ports carry the ``tf_`` prefix
+and the ``.in1k`` tag.
+"""
+
+from __future__ import annotations
+
+MEMBERS: dict[str, str] = {
+    "v1-b0": "tf_efficientnet_b0.in1k",
+    "v1-b1": "tf_efficientnet_b1.in1k",
+    "v1-b2": "tf_efficientnet_b2.in1k",
+    "v1-b3": "tf_efficientnet_b3.in1k",
+    "v1-b4": "tf_efficientnet_b4.in1k",
+    "v2-b0": "tf_efficientnetv2_b0.in1k",
+    "v2-b1": "tf_efficientnetv2_b1.in1k",
+    "v2-b2": "tf_efficientnetv2_b2.in1k",
+    "v2-b3": "tf_efficientnetv2_b3.in1k",
+    "v2-s": "tf_efficientnetv2_s.in1k",
+}
+V1_FAMILY = ("v1-b0", "v1-b1", "v1-b2", "v1-b3", "v1-b4")
+V2_FAMILY = ("v2-b0", "v2-b1", "v2-b2", "v2-b3", "v2-s")
+
+
+def resolve_arch(name: str) -> str:
+    """Map a short member name or a timm name to a timm name (with pretrained tag if known).
+
+    Raises:
+        ValueError: ``name`` is neither a member nor a timm architecture; the message lists the
+            members and close timm names.
+    """
+    import timm
+
+    if name in MEMBERS:
+        return MEMBERS[name]
+    base = name.split(".", 1)[0]
+    if timm.is_model(base):
+        return name
+    close = timm.list_models(f"*{base.replace('-', '_')}*")[:8]
+    raise ValueError(
+        f"unknown model {name!r}; use a member ({', '.join(MEMBERS)}) or a timm name"
+        + (f" such as {', '.join(close)}" if close else "")
+    )
+
+
+def member_table() -> list[dict[str, object]]:
+    """One row per member: name, timm name, parameters (binary head), input size."""
+    import timm
+    import torch
+
+    rows = []
+    for short, tag in MEMBERS.items():
+        with torch.device("meta"):  # no memory, no weights: only shapes are needed here
+            model = timm.create_model(tag, pretrained=False, num_classes=2)
+        cfg = timm.data.resolve_model_data_config(model)
+        rows.append({
+            "name": short, "timm": tag,
+            "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "input_size": cfg["input_size"][1], "pretrained": tag.split(".", 1)[1],
+        })
+    return rows
