@@ -16,6 +16,8 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset(
 # BreakHis images are 0.3 MP and a whole tissue-microarray core a few MP; anything far above is
 # a whole-slide image or a decompression bomb, which this tool does not tile.
 DEFAULT_MAX_PIXELS = 50_000_000
+_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"),
+          (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"GIF8", "GIF"), (b"RIFF", "WebP"))
 
 
 class ImageLoadError(ValueError):
@@ -72,6 +74,12 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+        kind = next((k for magic, k in _MAGIC if head.startswith(magic)), None)
+        if kind:
+            raise ImageLoadError(path, f"corrupt or truncated image ({kind} header, "
+                                       "undecodable data)") from None
         raise ImageLoadError(path, "not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageLoadError(path, f"image too large: {exc}") from None

@@ -192,7 +192,7 @@ def scan(
     if not kept:
         raise ScanError(f"{data}: none of the {len(bad)} image file(s) could be read")
 
-    frame = pd.DataFrame(kept).reindex(columns=COLUMNS).fillna("")
+    frame = pd.DataFrame([{c: row.get(c, "") for c in COLUMNS} for row in kept])
     frame = frame.sort_values("path", kind="stable").reset_index(drop=True)
     dup = frame[frame.duplicated("sha256", keep=False)]
     duplicates = [sorted(g["path"]) for _, g in dup.groupby("sha256", sort=True)]

@@ -67,7 +67,7 @@ class Preprocess:
         h, w = self.input_size
         if img.size != (w, h):
             img = img.resize((w, h), _INTERP[self.interpolation])
-        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+        return np.array(img, dtype=np.uint8)  # a writable copy: torch warns on read-only arrays
 
     def normalize(self, arr: np.ndarray | torch.Tensor) -> torch.Tensor:
         """``HxWx3`` uint8 array (or ``3xHxW`` uint8 tensor) -> normalised float ``3xHxW``."""
