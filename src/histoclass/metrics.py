@@ -67,6 +67,38 @@ def auc(y_true: np.ndarray, score: np.ndarray, name: str = "roc_auc") -> float |
     return float(roc_auc_score(y_true, score))
 
 
+def _bins(correct: np.ndarray, confidence: np.ndarray, n_bins: int) -> tuple[np.ndarray, ...]:
+    """Per equal-width bin, closed on the right: image count, sum of correct, sum of confidence."""
+    correct, confidence = np.asarray(correct, float), np.asarray(confidence, float)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    return (np.bincount(idx, minlength=n_bins), np.bincount(idx, correct, n_bins),
+            np.bincount(idx, confidence, n_bins))
+
+
+def top_label(y_true: Sequence[int], p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Whether the top label is right, and its probability, per image.
+
+    ``p`` is P(malignant) (binary: top label malignant when ``p >= 0.5``, confidence
+    ``max(p, 1 - p)``) or an ``(n, K)`` probability matrix (argmax, its probability).
+    """
+    y, p = np.asarray(y_true, int), np.asarray(p, float)
+    if p.ndim == 1:
+        top = (p >= 0.5).astype(int)
+        return top == y, np.where(top == 1, p, 1 - p)
+    top = p.argmax(axis=1)
+    return top == y, p[np.arange(len(y)), top]
+
+
+def reliability(correct: np.ndarray, confidence: np.ndarray,
+                n_bins: int = ECE_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reliability diagram data: per bin, image count, accuracy and mean confidence (NaN when
+    the bin is empty)."""
+    n, right, conf = _bins(correct, confidence, n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return n, right / n, conf / n
+
+
 def ece(correct: np.ndarray, confidence: np.ndarray, n_bins: int = ECE_BINS) -> float | None:
     """Expected calibration error: sum over bins of ``n_b / N * |accuracy_b - confidence_b|``.
 
@@ -75,21 +107,12 @@ def ece(correct: np.ndarray, confidence: np.ndarray, n_bins: int = ECE_BINS) -> 
         confidence: Probability of the top label, in ``[0, 1]``.
         n_bins: Equal-width bins over ``[0, 1]``, closed on the right.
     """
-    correct, confidence = np.asarray(correct, float), np.asarray(confidence, float)
     if len(correct) == 0:
         log.warning("ece is undefined (no images); reporting null")
         return None
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
-    gap = np.bincount(idx, correct, n_bins) - np.bincount(idx, confidence, n_bins)
-    return float(np.abs(gap).sum() / len(correct))  # |sum(acc - conf)| = n_b * |acc_b - conf_b|
-
-
-def binary_ece(y_true: np.ndarray, p_malignant: np.ndarray, n_bins: int = ECE_BINS) -> float | None:
-    """ECE of a binary classifier scored as a 2-class top-label problem (see module notes)."""
-    p = np.asarray(p_malignant, float)
-    top = p >= 0.5
-    return ece(top == np.asarray(y_true).astype(bool), np.where(top, p, 1 - p), n_bins)
+    _, right, conf = _bins(correct, confidence, n_bins)
+    # per bin |sum(correct) - sum(confidence)| = n_b * |accuracy_b - confidence_b|
+    return float(np.abs(right - conf).sum() / len(correct))
 
 
 def binary_metrics(y_true: Sequence[int], p_malignant: Sequence[float],
@@ -115,7 +138,7 @@ def binary_metrics(y_true: Sequence[int], p_malignant: Sequence[float],
         "f1": _ratio(2 * tp, 2 * tp + fp + fn, "f1", "no malignant images or calls"),
         "roc_auc": auc(y, p),
         "mcc": mcc_from_confusion(np.array([[tn, fp], [fn, tp]])),
-        "ece": binary_ece(y, p),
+        "ece": ece(*top_label(y, p)),
     }
 
 
@@ -153,7 +176,6 @@ def multiclass_metrics(y_true_idx: Sequence[int], probs: np.ndarray) -> dict[str
     if len(present) < 2:
         log.warning("specificity, roc_auc are undefined (only %d class present); reporting null",
                     len(present))
-    conf = probs[np.arange(len(y)), pred]
     return {
         "accuracy": _ratio(np.trace(cm), len(y), "accuracy", "no images"),
         "balanced_accuracy": _macro(rec),
@@ -163,7 +185,7 @@ def multiclass_metrics(y_true_idx: Sequence[int], probs: np.ndarray) -> dict[str
         "f1": _macro(f1),
         "roc_auc": _macro(aucs),
         "mcc": mcc_from_confusion(cm),
-        "ece": ece(pred == y, conf),
+        "ece": ece(*top_label(y, probs)),
     }
 
 
