@@ -277,6 +277,8 @@ def evaluate_files(paths: Sequence[str | Path], threshold: float = 0.5, bootstra
         metrics["per_magnification"] = folds["per_magnification_mean"]
     members = {n: metric_set(pooled, task, threshold, f"member.{n}.", f"member {n}")
                for n in member_names(pooled)}
+    if members:  # the ensemble on the same pooled rows, for a like-for-like comparison
+        members["ensemble"] = metric_set(pooled, task, threshold)
     meta = {"files": [str(p) for p in paths], "task": task.kind, "classes": list(task.classes),
             "threshold": threshold, "bootstrap": bootstrap, "seed": seed, "split": split,
             "images": len(pooled), "patients": int(pooled["patient_id"].nunique()),
