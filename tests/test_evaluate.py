@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -195,3 +197,9 @@ def test_subtype_task_uses_subtype_column(tmp_path: Path) -> None:
     assert ev.metrics["accuracy"] == pytest.approx(2 / 3)
     assert ev.metrics["recall"] == pytest.approx((1 / 2 + 1) / 2)  # over present classes
     assert ev.metrics["patient_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_evaluation_stages_do_not_import_torch() -> None:
+    code = ("import sys, histoclass.cli, histoclass.metrics, histoclass.evaluate, "
+            "histoclass.report; sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

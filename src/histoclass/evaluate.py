@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from histoclass.data.breakhis import LABELS, MAGNIFICATIONS, SUBTYPES
+from histoclass.data.manifest import leaks_patients
 from histoclass.metrics import (
     METRICS,
     binary_metrics,
@@ -164,19 +165,15 @@ def evaluate_frame(frame: pd.DataFrame, task: Task, threshold: float = 0.5,
         mag: metric_set(frame[frame["magnification"] == mag], task, threshold, context=mag)
         for mag in magnifications(frame)
     }
-    if bootstrap:
-        out["ci95"] = bootstrap_ci(lambda f: metric_set(f, task, threshold), frame,
-                                   n=bootstrap, seed=seed)
-    else:
-        out["ci95"] = dict.fromkeys(METRICS)
+    out["ci95"] = bootstrap_ci(lambda f: metric_set(f, task, threshold), frame, n=bootstrap,
+                               seed=seed) if bootstrap else dict.fromkeys(METRICS)
     return out
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     kept = [v for v in values if v is not None]
-    if not kept:
-        return None, None
-    return float(np.mean(kept)), float(np.std(kept, ddof=1)) if len(kept) > 1 else None
+    mean = float(np.mean(kept)) if kept else None
+    return mean, float(np.std(kept, ddof=1)) if len(kept) > 1 else None
 
 
 def summarize_folds(folds: list[dict], names: Sequence[str]) -> dict:
@@ -227,10 +224,9 @@ def referral(frame: pd.DataFrame, task: Task, threshold: float,
         refer = frame["refer"].isin(["1", "1.0", "true", "True"]).to_numpy()
     else:
         return None
-    kept = frame[~refer]
     return {"refer_threshold": refer_threshold, "images": len(frame),
             "referred": int(refer.sum()), "referral_rate": float(refer.mean()),
-            "retained": metric_set(kept, task, threshold, context="retained images")}
+            "retained": metric_set(frame[~refer], task, threshold, context="retained images")}
 
 
 def evaluate_files(paths: Sequence[str | Path], threshold: float = 0.5, bootstrap: int = 1000,
@@ -282,7 +278,7 @@ def evaluate_files(paths: Sequence[str | Path], threshold: float = 0.5, bootstra
     meta = {"files": [str(p) for p in paths], "task": task.kind, "classes": list(task.classes),
             "threshold": threshold, "bootstrap": bootstrap, "seed": seed, "split": split,
             "images": len(pooled), "patients": int(pooled["patient_id"].nunique()),
-            "leaks_patients": bool((pooled["protocol"] == "paper").any())}
+            "leaks_patients": bool(leaks_patients(pooled))}
     return Evaluation(metrics, pooled, task, threshold, folds, members,
                       referral(pooled, task, threshold, refer_threshold), meta)
 
@@ -297,10 +293,6 @@ def write_json(obj: dict, path: Path) -> Path:
 def write_outputs(ev: Evaluation, out: str | Path) -> list[Path]:
     """Write ``metrics.json``, ``evaluation.json`` and, when present, ``folds.json``,
     ``members.json`` and ``referral.json`` into ``out``."""
-    out = Path(out)
-    written = [write_json(ev.metrics, out / "metrics.json"),
-               write_json(ev.meta, out / "evaluation.json")]
-    for name, obj in (("folds", ev.folds), ("members", ev.members), ("referral", ev.referral)):
-        if obj:
-            written.append(write_json(obj, out / f"{name}.json"))
-    return written
+    files = {"metrics": ev.metrics, "evaluation": ev.meta, "folds": ev.folds,
+             "members": ev.members, "referral": ev.referral}
+    return [write_json(obj, Path(out) / f"{name}.json") for name, obj in files.items() if obj]
