@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import histoclass
 from histoclass.data.breakhis import SUBTYPES
 from histoclass.evaluate import (
     detect_task,
@@ -202,4 +204,6 @@ def test_subtype_task_uses_subtype_column(tmp_path: Path) -> None:
 def test_evaluation_stages_do_not_import_torch() -> None:
     code = ("import sys, histoclass.cli, histoclass.metrics, histoclass.evaluate, "
             "histoclass.report; sys.exit('torch' in sys.modules)")
-    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+    src = str(Path(histoclass.__file__).parents[1])  # this tree's package, not another install
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    assert subprocess.run([sys.executable, "-c", code], check=False, env=env).returncode == 0
