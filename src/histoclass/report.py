@@ -14,10 +14,16 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
 from histoclass.data.splits import LEAK_NOTE
-from histoclass.evaluate import Evaluation, predicted, probabilities
+from histoclass.evaluate import Evaluation, metric_set, predicted, probabilities
 from histoclass.metrics import METRICS, reliability, top_label
 
 log = logging.getLogger(__name__)
+
+NOTES = {
+    "binary": "Malignant is the positive class (recall = sensitivity).",
+    "subtype": "Precision, recall, F1 and specificity are macro averages over the classes "
+               "present; ROC-AUC is the one-vs-rest macro average.",
+}
 
 CSS = """body{font-family:sans-serif;margin:2em;max-width:1200px}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px}
@@ -56,7 +62,8 @@ def confusion_figure(y: np.ndarray, pred: np.ndarray, classes: tuple[str, ...]) 
     return _png(fig)
 
 
-def roc_figure(y: np.ndarray, p: np.ndarray, classes: tuple[str, ...]) -> str:
+def roc_figure(y: np.ndarray, p: np.ndarray, classes: tuple[str, ...],
+               title: str = "ROC") -> str:
     """ROC curve (binary) or one-vs-rest curves per class present (subtype)."""
     from sklearn.metrics import roc_curve
 
@@ -69,7 +76,7 @@ def roc_figure(y: np.ndarray, p: np.ndarray, classes: tuple[str, ...]) -> str:
             fpr, tpr, _ = roc_curve(y == c, score)
             ax.plot(fpr, tpr, label=name)
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title)
     if ax.lines[:-1]:
         ax.legend(fontsize=7, loc="lower right")
     return _png(fig)
@@ -171,6 +178,9 @@ def render(ev: Evaluation, limit: int = 24) -> str:
     """The report's HTML; the leakage warning, when due, is the first line of the body."""
     frame, task, meta = ev.frame, ev.task, ev.meta
     y, p = frame["y"].to_numpy(), probabilities(frame, task)
+    pooled = metric_set(frame, task, ev.threshold)  # figures pool the folds; so do their titles
+    decision = (f"malignant when P(malignant) >= {ev.threshold}" if task.kind == "binary"
+                else "decision: the most probable class")
     parts = []
     if meta.get("leaks_patients"):
         parts.append(f'<p class="leak">WARNING: {html.escape(LEAK_NOTE)}</p>')
@@ -178,13 +188,17 @@ def render(ev: Evaluation, limit: int = 24) -> str:
     parts += [
         "<h1>histoclass evaluation</h1>",
         f"<p>{task.kind} task ({', '.join(task.classes)}); {meta['images']} images, "
-        f"{meta['patients']} patients, split {html.escape(meta['split'])}, threshold "
-        f"{ev.threshold}; CIs: {meta['bootstrap']} patient bootstrap replicates, seed "
-        f"{meta['seed']}. Files: {files}</p>",
+        f"{meta['patients']} patients, split {html.escape(meta['split'])}; {decision}. "
+        f"CIs: {meta['bootstrap']} patient bootstrap replicates, seed {meta['seed']}. "
+        f"Files: {files}</p>",
+        f"<p>{NOTES[task.kind]} ECE: 15 equal-width bins of top-label confidence. Patient "
+        "recognition rate: mean over patients of their share of images right; patient "
+        "accuracy: one decision per patient from the mean probability.</p>",
         "<h2>Metrics</h2>", metrics_table(ev),
         '<div class="figs">',
         confusion_figure(y, predicted(p, ev.threshold), task.classes),
-        roc_figure(y, p, task.classes), reliability_figure(y, p, ev.metrics["ece"]), "</div>",
+        roc_figure(y, p, task.classes, f"ROC (AUC {fmt(pooled['roc_auc'])})"),
+        reliability_figure(y, p, pooled["ece"]), "</div>",
     ]
     if ev.metrics["per_magnification"]:
         parts += ["<h2>Per magnification</h2>",
