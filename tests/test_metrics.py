@@ -189,3 +189,14 @@ def test_bootstrap_undefined_everywhere_is_none_and_bad_n_is_refused() -> None:
     assert bootstrap_ci(_fn, frame, n=20)["roc_auc"] is None
     with pytest.raises(ValueError, match="bootstrap replicates must be >= 1, got 0"):
         bootstrap_ci(_fn, frame, n=0)
+
+
+def test_bad_labels_and_shapes_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"labels must be class indices 0..1 .*got \[2\]"):
+        binary_metrics([0, 2], [0.1, 0.9])
+    with pytest.raises(ValueError, match="3 labels but 2 predictions"):
+        binary_metrics([0, 1, 1], [0.1, 0.9])
+    with pytest.raises(ValueError, match=r"probs must be an \(n, K\) matrix, got shape \(2,\)"):
+        multiclass_metrics([0, 1], [0.1, 0.9])
+    with pytest.raises(ValueError, match=r"class indices 0..1 .*got \[-1, 5\]"):
+        multiclass_metrics([5, -1], [[0.5, 0.5], [0.5, 0.5]])

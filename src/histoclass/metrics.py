@@ -115,6 +115,15 @@ def ece(correct: np.ndarray, confidence: np.ndarray, n_bins: int = ECE_BINS) -> 
     return float(np.abs(right - conf).sum() / len(correct))
 
 
+def _check(y: np.ndarray, p: np.ndarray, k: int) -> None:
+    if len(y) != len(p):
+        raise ValueError(f"{len(y)} labels but {len(p)} predictions")
+    bad = sorted(set(np.unique(y).tolist()) - set(range(k)))
+    if bad:
+        raise ValueError(f"labels must be class indices 0..{k - 1} (binary: 1 = malignant), "
+                         f"got {bad}")
+
+
 def binary_metrics(y_true: Sequence[int], p_malignant: Sequence[float],
                    threshold: float = 0.5) -> dict[str, float | None]:
     """Image-level metrics of the binary task; malignant (1) is the positive class.
@@ -122,8 +131,9 @@ def binary_metrics(y_true: Sequence[int], p_malignant: Sequence[float],
     Returns:
         ``accuracy, balanced_accuracy, precision, recall, specificity, f1, roc_auc, mcc, ece``.
     """
-    y = np.asarray(y_true).astype(bool)
-    p = np.asarray(p_malignant, float)
+    y, p = np.asarray(y_true), np.asarray(p_malignant, float)
+    _check(y, p, 2)
+    y = y.astype(bool)
     pred = p >= threshold
     tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
     fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
@@ -156,9 +166,12 @@ def multiclass_metrics(y_true_idx: Sequence[int], probs: np.ndarray) -> dict[str
     none). ROC-AUC is the one-vs-rest macro average over those classes. Balanced accuracy equals
     macro recall.
     """
-    y = np.asarray(y_true_idx, int)
-    probs = np.asarray(probs, float)
+    y, probs = np.asarray(y_true_idx), np.asarray(probs, float)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be an (n, K) matrix, got shape {probs.shape}")
     k = probs.shape[1]
+    _check(y, probs, k)
+    y = y.astype(int)
     pred = probs.argmax(axis=1)
     cm = np.zeros((k, k), dtype=int)
     np.add.at(cm, (y, pred), 1)
