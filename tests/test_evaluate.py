@@ -146,6 +146,7 @@ def test_folds_mean_and_std(tmp_path: Path) -> None:
     assert ev.metrics["accuracy"] == pytest.approx(0.75)
     assert ev.folds["std"]["accuracy"] == pytest.approx(((0.25**2 + 0.25**2) / 1) ** 0.5)
     assert [f["accuracy"] for f in ev.folds["folds"]] == [1.0, 0.5]
+    assert set(ev.folds["folds"][0]) == {"fold", *METRICS, "per_magnification"}
     assert [f["fold"] for f in ev.folds["folds"]] == [str(f0), str(f1)]
     # patient accuracy: fold 0 both right; fold 1 C mean .6 right, D mean .4 right
     assert ev.folds["mean"]["patient_accuracy"] == 1.0

@@ -128,3 +128,17 @@ def test_thumbnail_placeholder_and_fmt(tmp_path: Path) -> None:
     ucsb = next(iter(sorted(sample_path("ucsb").rglob("*.jpg"))))
     assert thumbnail(ucsb, size=64).startswith('<img alt="" src="data:image/jpeg;base64,')
     assert (fmt(None), fmt(2 / 3)) == ("n/a", "0.667")
+
+
+def test_relative_image_paths_are_relative_to_the_csv(tmp_path: Path) -> None:
+    image = next(iter(sorted(sample_path("breakhis").glob("*.png"))))
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "x.png").write_bytes(image.read_bytes())
+    pd.DataFrame({"path": ["imgs/x.png", "imgs/y.png"], "patient_id": ["A", "B"],
+                  "label": ["benign", "malignant"], "p_malignant": [0.9, 0.1]}).to_csv(
+        tmp_path / "p.csv", index=False)
+    code, out = run(str(tmp_path / "p.csv"), "--out", str(tmp_path / "ev"), "--bootstrap", "0")
+    assert code == 0, out
+    page = (tmp_path / "ev" / "report.html").read_text()
+    assert page.count("data:image/jpeg;base64,") == 1
+    assert f"image unavailable: {tmp_path / 'imgs' / 'y.png'}" in page

@@ -3,7 +3,8 @@
 
 Reads only CSVs (no torch). ``metrics.json`` holds exactly the keys in
 :data:`histoclass.metrics.METRICS` plus ``per_magnification`` and ``ci95``; everything else
-(folds, members, referral, run details) goes to separate JSON files.
+(folds, members, referral, run details) goes to separate JSON files. Decisions are remade
+from the probabilities (``p >= threshold``, or argmax); the CSV's ``pred`` column is not read.
 """
 
 from __future__ import annotations
@@ -157,12 +158,13 @@ def magnifications(frame: pd.DataFrame) -> list[str]:
 
 
 def evaluate_frame(frame: pd.DataFrame, task: Task, threshold: float = 0.5,
-                   bootstrap: int = 1000, seed: int = 0) -> dict:
+                   bootstrap: int = 1000, seed: int = 0, context: str = "all images") -> dict:
     """``metrics.json`` for one set of predictions: pooled, per magnification, and ``ci95``
     from a patient cluster bootstrap (``bootstrap=0`` gives null intervals)."""
-    out: dict = metric_set(frame, task, threshold, context="all images")
+    out: dict = metric_set(frame, task, threshold, context=context)
     out["per_magnification"] = {
-        mag: metric_set(frame[frame["magnification"] == mag], task, threshold, context=mag)
+        mag: metric_set(frame[frame["magnification"] == mag], task, threshold,
+                        context=f"{context}, {mag}")
         for mag in magnifications(frame)
     }
     out["ci95"] = bootstrap_ci(lambda f: metric_set(f, task, threshold), frame, n=bootstrap,
@@ -179,7 +181,8 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
 def summarize_folds(folds: list[dict], names: Sequence[str]) -> dict:
     """``folds.json``: each fold's metrics, and their mean and sample standard deviation
     (ddof=1) over the folds where a metric is defined."""
-    summary: dict = {"folds": [{"fold": n, **f} for n, f in zip(names, folds, strict=True)]}
+    summary: dict = {"folds": [{"fold": n, **{k: v for k, v in f.items() if k != "ci95"}}
+                               for n, f in zip(names, folds, strict=True)]}
     summary["mean"], summary["std"] = {}, {}
     for key in METRICS:
         summary["mean"][key], summary["std"][key] = _mean_std([f[key] for f in folds])
@@ -264,9 +267,8 @@ def evaluate_files(paths: Sequence[str | Path], threshold: float = 0.5, bootstra
     metrics = evaluate_frame(pooled, task, threshold, bootstrap, seed)
     folds = None
     if len(frames) > 1:
-        per_fold = [evaluate_frame(f, task, threshold, 0) for f in frames]
-        for f in per_fold:
-            del f["ci95"]
+        per_fold = [evaluate_frame(f, task, threshold, 0, context=n)
+                    for f, n in zip(frames, names, strict=True)]
         folds = summarize_folds(per_fold, names)
         # top level reports the fold mean; ci95 stays the bootstrap of the pooled out-of-fold rows
         metrics.update(folds["mean"])
