@@ -48,6 +48,9 @@ def test_threshold_moves_the_operating_point_not_auc_or_ece() -> None:
     assert m["accuracy"] == pytest.approx(7 / 10)
     assert m["roc_auc"] == pytest.approx(13 / 16)
     assert m["ece"] == pytest.approx(0.24)
+    # p == threshold is a malignant call
+    tie = binary_metrics([1, 0], [0.5, 0.4])
+    assert (tie["recall"], tie["specificity"], tie["accuracy"]) == (1.0, 1.0, 1.0)
 
 
 def test_roc_auc_by_pair_counting_with_a_tie() -> None:
