@@ -142,3 +142,14 @@ def test_relative_image_paths_are_relative_to_the_csv(tmp_path: Path) -> None:
     page = (tmp_path / "ev" / "report.html").read_text()
     assert page.count("data:image/jpeg;base64,") == 1
     assert f"image unavailable: {tmp_path / 'imgs' / 'y.png'}" in page
+
+
+def test_report_with_one_class_shows_undefined_as_na(tmp_path: Path) -> None:
+    pd.DataFrame({"path": ["a.png", "b.png"], "patient_id": ["A", "B"],
+                  "label": ["malignant", "malignant"], "p_malignant": [0.2, 0.7]}).to_csv(
+        tmp_path / "p.csv", index=False)
+    code, out = run(str(tmp_path / "p.csv"), "--out", str(tmp_path / "ev"), "--bootstrap", "5")
+    assert code == 0, out
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["roc_auc"] is None
+    page = (tmp_path / "ev" / "report.html").read_text()
+    assert "<td><b>roc_auc</b></td><td>n/a</td><td>n/a</td>" in page
