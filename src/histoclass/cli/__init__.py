@@ -9,7 +9,7 @@ import logging
 
 import typer
 
-from histoclass.cli import data, pipeline
+from histoclass.cli import data, evaluate, pipeline
 
 app = typer.Typer(
     name="histoclass",
@@ -18,8 +18,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data.register(app)
-pipeline.register(app)
+for _module in (data, pipeline, evaluate):
+    _module.register(app)
 
 
 @app.callback()
