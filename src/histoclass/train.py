@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from histoclass import distributed
 from histoclass import train_utils as tu
@@ -33,7 +32,7 @@ from histoclass.train_utils import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "TrainConfig", "train"]
+__all__ = ["NonFiniteLossError", "TrainConfig", "finished", "train", "train_all"]
 
 CHOICES = {
     "task": ("binary", "subtype"), "schedule": ("constant", "cosine"),
@@ -110,35 +109,63 @@ class TrainConfig:
 def train(config: TrainConfig) -> Path:
     """Train one member as ``config`` says; returns the path of ``best.pt``."""
     config.check()
+    owner = not torch.distributed.is_initialized()  # train_all keeps one group for all runs
     d = distributed.setup(config.device)
     try:
         return _run(config, d)
     finally:
+        if owner:
+            distributed.cleanup(d)
+
+
+def finished(run: str | Path) -> bool:
+    """True when ``run`` holds a completed run (``best.pt`` and the ``done`` marker)."""
+    return (Path(run) / "best.pt").is_file() and (Path(run) / "done").is_file()
+
+
+def train_all(base: TrainConfig, models: Sequence[str], weights_dir: str | Path | None = None
+              ) -> dict[str, str]:
+    """Train each member into ``<base.out>/<name>``, skipping finished runs, resuming others.
+
+    The decoded-image cache is shared (its keys include the input size). A member that fails
+    is reported and the others still run.
+
+    Args:
+        base: Settings for every member (``model``, ``out`` and ``resume`` are replaced).
+        models: Member or timm names.
+        weights_dir: Folder of local ImageNet weights named ``<name>.<ext>`` (offline runs).
+
+    Returns:
+        name -> ``trained``, ``skipped (finished)`` or ``failed: <reason>``.
+    """
+    root = Path(base.out)
+    cache = str(root / "cache") if base.cache_dir == "" else base.cache_dir
+    status: dict[str, str] = {}
+    d = distributed.setup(base.device)
+    try:
+        for name in models:
+            run = root / name
+            if finished(run):
+                status[name] = "skipped (finished)"
+                log.info("%s: finished run in %s, skipped", name, run)
+                continue
+            try:
+                weights = base.weights
+                if weights_dir is not None:
+                    found = sorted(Path(weights_dir).glob(f"{name}.*"))
+                    if not found:
+                        raise ValueError(f"no weights file {name}.* in {weights_dir}")
+                    weights = str(found[0])
+                cfg = replace(base, model=name, out=str(run), cache_dir=cache, weights=weights,
+                              resume=(run / "last.pt").is_file())
+                train(cfg)
+                status[name] = "trained"
+            except (ValueError, FileNotFoundError, RuntimeError) as exc:
+                log.error("%s failed: %s", name, exc)
+                status[name] = f"failed: {exc}"
+    finally:
         distributed.cleanup(d)
-
-
-def _amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.amp == "off" or (cfg.amp == "auto" and device.type != "cuda"):
-        return None  # CPU autocast is slower than fp32 on most CPUs
-    if cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
-def _evaluate(model: nn.Module, loader: DataLoader, d: distributed.Dist, amp, cl: bool):
-    model.eval()
-    logits, targets = [], []
-    with torch.no_grad():
-        for x, y in loader:
-            x = x.to(d.device, non_blocking=True,
-                     memory_format=torch.channels_last if cl else torch.preserve_format)
-            with torch.autocast(d.device.type, dtype=amp) if amp else nullcontext():
-                logits.append(model(x).float().cpu())
-            targets.append(y)
-    parts = distributed.gather((torch.cat(logits) if logits else torch.empty(0, 0),
-                                torch.cat(targets) if targets else torch.empty(0)), d)
-    parts = [p for p in parts if len(p[1])]
-    return tu.metrics(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    return status
 
 
 def _run(cfg: TrainConfig, d: distributed.Dist) -> Path:
@@ -169,7 +196,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> Path:
                             {"params": tu.head_parameters(model), "lr": cfg.head_lr,
                              "name": "head"}], weight_decay=cfg.weight_decay)
     base_lrs = [g["lr"] for g in opt.param_groups]
-    amp = _amp(cfg, d.device)
+    amp = tu.amp_dtype(cfg.amp, d.device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     crit = nn.CrossEntropyLoss(weight=data.loss_weight.to(d.device) if data.loss_weight is not None
                                else None, label_smoothing=cfg.label_smoothing)
@@ -198,7 +225,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> Path:
         log.info("resuming %s at epoch %d of %d", out, start + 1, cfg.epochs)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_config(cfg, out / "config.yaml")
+        tu.write_config(asdict(cfg), out / "config.yaml")
 
 
     def meta_of(**extra):  # reads the loop's current history
@@ -247,7 +274,7 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> Path:
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         seconds = time.perf_counter() - t0
-        val = _evaluate(model, data.val_loader, d, amp, cl)
+        val = tu.evaluate(model, data.val_loader, d, amp, cl)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / seen,
                "train_accuracy": distributed.mean_across(correct / seen, d),
                **{f"val_{k}": v for k, v in val.items()}, "lr": cfg.lr * f,
@@ -277,15 +304,3 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> Path:
         (out / "done").write_text(f"{len(history)} epochs; best {best}\n")
     return out / "best.pt"
 
-
-def _write_config(cfg: TrainConfig, path: Path) -> None:
-    import yaml
-
-    d = asdict(cfg)
-    d["workers"] = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
-    path.write_text(yaml.safe_dump(d, sort_keys=False))
-
-
-def config_fields() -> list[str]:
-    """Names of :class:`TrainConfig` fields (the CLI maps options onto them)."""
-    return [f.name for f in fields(TrainConfig)]

@@ -6,13 +6,16 @@ import csv
 import math
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
+
+from histoclass import distributed
 
 METRIC_COLUMNS = ("accuracy", "balanced_accuracy", "loss", "auc")
 # Higher is better for every selectable score except the loss.
@@ -128,6 +131,33 @@ def metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     }
 
 
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--amp`` (``auto``: bf16 on CUDA where supported, else fp16)."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None  # CPU autocast is slower than fp32 on most CPUs
+    if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def evaluate(model: nn.Module, loader: DataLoader, d: distributed.Dist,
+             amp: torch.dtype | None = None, channels_last: bool = False) -> dict[str, float]:
+    """:func:`metrics` of ``model`` over ``loader``, gathered from every process."""
+    model.eval()
+    logits, targets = [], []
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    with torch.no_grad():
+        for x, y in loader:
+            x = x.to(d.device, non_blocking=True, memory_format=fmt)
+            with torch.autocast(d.device.type, dtype=amp) if amp else nullcontext():
+                logits.append(model(x).float().cpu())
+            targets.append(y)
+    parts = distributed.gather((torch.cat(logits) if logits else torch.empty(0, 0),
+                                torch.cat(targets) if targets else torch.empty(0)), d)
+    parts = [p for p in parts if len(p[1])]
+    return metrics(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+
+
 def better(new: dict[str, float], best: dict[str, float] | None, select: str) -> bool:
     """True when ``new`` validation metrics beat ``best`` by ``select`` (ties: lower loss)."""
     if best is None:
@@ -154,6 +184,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and len(state.get("cuda", [])) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_config(config: dict[str, Any], path: Path) -> None:
+    """The resolved settings as YAML (``workers`` ``None`` shown as the number used)."""
+    import os
+
+    import yaml
+
+    config = {**config}
+    if config.get("workers") is None:
+        config["workers"] = min(4, os.cpu_count() or 1)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def write_history(rows: list[dict[str, Any]], path: Path) -> None:
