@@ -23,6 +23,15 @@ from train_helpers import synthetic_manifest
 TINY = "test_efficientnet"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads cost 10-30x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_member_table_lists_the_ten_members():
     rows = member_table()
     assert [r["name"] for r in rows] == list(MEMBERS)

@@ -20,6 +20,15 @@ from histoclass.train import NonFiniteLossError, TrainConfig, train, train_all
 from train_helpers import synthetic_manifest
 
 TINY = "test_efficientnet"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads cost 10-30x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 

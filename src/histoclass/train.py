@@ -296,7 +296,8 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> Path:
             save_checkpoint(out / "last.pt", model,
                             meta_of(metrics=best, epoch=epoch + 1, train_state=state))
             tu.write_history(history, out / "history.csv")
-            tu.plot_history(history, out / "curves.png", cfg.select)
+            if stop or epoch + 1 == cfg.epochs or (epoch + 1) % 5 == 0:  # matplotlib is slow
+                tu.plot_history(history, out / "curves.png", cfg.select)
         if stop:
             log.info("early stop: no better val %s for %d epochs", cfg.select, cfg.patience)
             break
