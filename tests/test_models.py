@@ -105,3 +105,11 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     assert got["history"] == [{"epoch": 1, "val_loss": 0.5}]
     assert torch.load(path, weights_only=True)["meta"]["classes"] == ["benign", "malignant"]
     assert read_checkpoint(path)["meta"]["kind"] == "member"
+
+
+def test_new_head_is_glorot_initialised():
+    model = create_model(TINY, 2, pretrained=False)
+    head = model.get_classifier()
+    limit = (6 / (head.in_features + head.out_features)) ** 0.5
+    assert head.weight.abs().max() <= limit and head.weight.abs().max() > limit / 2
+    assert torch.count_nonzero(head.bias) == 0
