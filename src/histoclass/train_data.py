@@ -50,11 +50,14 @@ class RunData:
         if cfg.magnification:
             mag = cfg.magnification.upper()
             mag = mag if mag.endswith("X") else f"{mag}X"
-            known = sorted(set(frame.get("magnification", [])) - {""})
-            frame = frame[frame.get("magnification", "") == mag]
+            if "magnification" not in frame.columns:
+                raise ValueError(f"--magnification {mag}: {cfg.manifest} has no magnification "
+                                 "column (not BreakHis data?)")
+            known = sorted(set(frame["magnification"]) - {""})
+            frame = frame[frame["magnification"] == mag]
             if frame.empty:
                 raise ValueError(f"--magnification {mag}: no such images; the manifest has "
-                                 f"{known or 'no magnification column'}")
+                                 f"{known}")
         self.train_rows = select(frame, "train", cfg.fold)
         self.val_rows = select(frame, "val", cfg.fold)
         del frame  # the test rows go no further
@@ -64,7 +67,9 @@ class RunData:
                                  + (f" for fold {cfg.fold}" if cfg.fold is not None else ""))
         if cfg.task == "subtype":
             for name, rows in (("train", self.train_rows), ("val", self.val_rows)):
-                empty = rows[rows.get("subtype", "").astype(str).str.strip() == ""]
+                if "subtype" not in rows.columns:
+                    raise ValueError(f"--task subtype: {cfg.manifest} has no subtype column")
+                empty = rows[rows["subtype"].astype(str).str.strip() == ""]
                 if len(empty):
                     raise ValueError(
                         f"--task subtype: {len(empty)} {name} row(s) have no subtype (e.g. "
