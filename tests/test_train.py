@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from histoclass import train_utils as tu
 from histoclass.cli import app
 from histoclass.models import read_checkpoint
-from histoclass.train import NonFiniteLossError, TrainConfig, train, train_all
+from histoclass.train import NonFiniteLossError, TrainConfig, train
+from histoclass.train_all import train_all
 from train_helpers import synthetic_manifest
 
 TINY = "test_efficientnet"

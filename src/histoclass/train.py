@@ -17,9 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from histoclass.train_utils import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "TrainConfig", "finished", "train", "train_all"]
+__all__ = ["NonFiniteLossError", "TrainConfig", "train"]
 
 CHOICES = {
     "task": ("binary", "subtype"), "schedule": ("constant", "cosine"),
@@ -109,7 +108,7 @@ class TrainConfig:
 def train(config: TrainConfig) -> Path:
     """Train one member as ``config`` says; returns the path of ``best.pt``."""
     config.check()
-    owner = not torch.distributed.is_initialized()  # train_all keeps one group for all runs
+    owner = not torch.distributed.is_initialized()  # train_all keeps one group for all
     d = distributed.setup(config.device)
     try:
         return _run(config, d)
@@ -118,59 +117,9 @@ def train(config: TrainConfig) -> Path:
             distributed.cleanup(d)
 
 
-def finished(run: str | Path) -> bool:
-    """True when ``run`` holds a completed run (``best.pt`` and the ``done`` marker)."""
-    return (Path(run) / "best.pt").is_file() and (Path(run) / "done").is_file()
-
-
-def train_all(base: TrainConfig, models: Sequence[str], weights_dir: str | Path | None = None
-              ) -> dict[str, str]:
-    """Train each member into ``<base.out>/<name>``, skipping finished runs, resuming others.
-
-    The decoded-image cache is shared (its keys include the input size). A member that fails
-    is reported and the others still run.
-
-    Args:
-        base: Settings for every member (``model``, ``out`` and ``resume`` are replaced).
-        models: Member or timm names.
-        weights_dir: Folder of local ImageNet weights named ``<name>.<ext>`` (offline runs).
-
-    Returns:
-        name -> ``trained``, ``skipped (finished)`` or ``failed: <reason>``.
-    """
-    root = Path(base.out)
-    cache = str(root / "cache") if base.cache_dir == "" else base.cache_dir
-    status: dict[str, str] = {}
-    d = distributed.setup(base.device)
-    try:
-        for name in models:
-            run = root / name
-            if finished(run):
-                status[name] = "skipped (finished)"
-                log.info("%s: finished run in %s, skipped", name, run)
-                continue
-            try:
-                weights = base.weights
-                if weights_dir is not None:
-                    found = sorted(Path(weights_dir).glob(f"{name}.*"))
-                    if not found:
-                        raise ValueError(f"no weights file {name}.* in {weights_dir}")
-                    weights = str(found[0])
-                cfg = replace(base, model=name, out=str(run), cache_dir=cache, weights=weights,
-                              resume=(run / "last.pt").is_file())
-                train(cfg)
-                status[name] = "trained"
-            except (ValueError, FileNotFoundError, RuntimeError) as exc:
-                log.error("%s failed: %s", name, exc)
-                status[name] = f"failed: {exc}"
-    finally:
-        distributed.cleanup(d)
-    return status
-
-
 def _run(cfg: TrainConfig, d: distributed.Dist) -> Path:
     from histoclass.models import create_model, member_meta, model_preprocess, resolve_arch
-    from histoclass.models.checkpoint import read_checkpoint, save_checkpoint
+    from histoclass.models.checkpoint import build_model, save_checkpoint
 
     out = Path(cfg.out)
     if not cfg.resume and (out / "last.pt").exists():
@@ -181,8 +130,13 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> Path:
     torch.manual_seed(cfg.seed)  # same initial head on every process
     timm_name = resolve_arch(cfg.model)
     data = build_data(cfg, d)
-    model = create_model(cfg.model, len(data.classes), pretrained=cfg.pretrained,
-                         weights=cfg.weights, drop_rate=cfg.drop_rate)
+    ckpt = _resume_checkpoint(cfg, out) if cfg.resume else None
+    if ckpt is None:
+        model = create_model(cfg.model, len(data.classes), pretrained=cfg.pretrained,
+                             weights=cfg.weights, drop_rate=cfg.drop_rate)
+    else:  # weights come from last.pt: no hub download, no weights file needed
+        model = build_model(ckpt["meta"])
+        model.load_state_dict(ckpt["state_dict"])
     pre = model_preprocess(model, cfg.image_size)
     data.make_datasets(pre)
     freeze_bn = cfg.freeze_bn if cfg.freeze_bn is not None else bool(cfg.weights or cfg.pretrained)
@@ -208,15 +162,8 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> Path:
 
     history: list[dict] = []
     best, bad_epochs, start = None, 0, 0
-    if cfg.resume:
-        ckpt = read_checkpoint(out / "last.pt")
+    if ckpt is not None:
         meta, state = ckpt["meta"], ckpt["meta"]["train_state"]
-        changed = [k for k in RESUME_FIXED if meta["config"].get(k) != getattr(cfg, k)]
-        if changed:
-            raise ValueError(f"--resume with other settings than {out / 'last.pt'}: "
-                             + ", ".join(f"{k} {meta['config'][k]!r} -> {getattr(cfg, k)!r}"
-                                         for k in changed))
-        model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         tu.set_rng_state(state["rng"])
@@ -226,7 +173,6 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> Path:
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         tu.write_config(asdict(cfg), out / "config.yaml")
-
 
     def meta_of(**extra):  # reads the loop's current history
         return member_meta(cfg.model, timm_name, data.classes, pre, task=cfg.task,
@@ -305,3 +251,17 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> Path:
         (out / "done").write_text(f"{len(history)} epochs; best {best}\n")
     return out / "best.pt"
 
+
+
+def _resume_checkpoint(cfg: TrainConfig, out: Path) -> dict:
+    """``last.pt`` of the run in ``out``, checked against ``cfg``'s fixed settings."""
+    from histoclass.models.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(out / "last.pt")
+    saved = ckpt["meta"]["config"]
+    changed = [k for k in RESUME_FIXED if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"--resume with other settings than {out / 'last.pt'}: "
+                         + ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}"
+                                     for k in changed))
+    return ckpt
