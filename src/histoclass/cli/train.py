@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -99,7 +100,8 @@ def train(
     )
     with _errors():
         best = run(cfg)
-    typer.echo(f"best checkpoint: {best}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        typer.echo(f"best checkpoint: {best}")
 
 
 def train_all(
