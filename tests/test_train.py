@@ -21,6 +21,7 @@ from histoclass.train_all import train_all
 from train_helpers import synthetic_manifest
 
 TINY = "test_efficientnet"
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 @pytest.fixture(scope="module")
