@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from histoclass import train_utils as tu
@@ -64,6 +65,9 @@ def test_overfits_clear_task_and_writes_run_folder(manifest, tmp_path):
     assert meta["classes"] == ["benign", "malignant"] and meta["task"] == "binary"
     assert meta["config"]["epochs"] == 6
     assert read_checkpoint(tmp_path / "run" / "last.pt")["meta"]["train_state"]["epoch"] == 6
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["epochs"] == 6 and config["resolved"]["preprocess"]["input_size"] == [64, 64]
+    assert config["resolved"]["train_images"] == 16 and config["resolved"]["freeze_bn"] is False
 
 
 def test_resume_equals_uninterrupted_run(manifest, tmp_path):

@@ -172,7 +172,12 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> Path:
         log.info("resuming %s at epoch %d of %d", out, start + 1, cfg.epochs)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        tu.write_config(asdict(cfg), out / "config.yaml")
+        resolved = {"timm_name": timm_name, "classes": list(data.classes),
+                    "device": str(d.device), "processes": d.world, "freeze_bn": freeze_bn,
+                    "amp": str(amp).removeprefix("torch.") if amp else "off",
+                    "train_images": len(data.train_rows), "val_images": len(data.val_rows),
+                    "preprocess": pre.to_dict()}
+        tu.write_config({**asdict(cfg), "resolved": resolved}, out / "config.yaml")
 
     def meta_of(**extra):  # reads the loop's current history
         return member_meta(cfg.model, timm_name, data.classes, pre, task=cfg.task,
