@@ -132,7 +132,8 @@ def test_subtype_task_and_missing_subtypes(manifest, tmp_path):
 
 def test_options_warmup_cosine_sampler_smoothing(manifest, tmp_path):
     train(tiny(manifest, tmp_path / "o", epochs=2, warmup_epochs=1, schedule="cosine",
-               balance="sampler", label_smoothing=0.1, select="auc", cache_dir=None))
+               balance="sampler", label_smoothing=0.1, select="auc", cache_dir=None,
+               hed_jitter=0.05, color_jitter=0.1))
     hist = pd.read_csv(tmp_path / "o" / "history.csv")
     assert len(hist) == 2 and hist["lr"].iloc[-1] < 1e-2
 
@@ -171,6 +172,12 @@ def test_train_all_skips_finished_runs(manifest, tmp_path):
     status = train_all(base, ["nonexistent_net", TINY])
     assert status[TINY] == "skipped (finished)"
     assert status["nonexistent_net"].startswith("failed: unknown model 'nonexistent_net'")
+    result = CliRunner().invoke(app, ["train-all", str(manifest), "--out", str(tmp_path / "all"),
+                                      "--models", f"{TINY},nonexistent_net", "--no-pretrained",
+                                      "--device", "cpu", "--workers", "0"])
+    assert result.exit_code == 1
+    assert f"{TINY}: skipped (finished)" in result.output
+    assert "nonexistent_net: failed: unknown model" in result.output
 
 
 def test_train_help_works():
