@@ -257,7 +257,6 @@ def _run(cfg: TrainConfig, d: distributed.Dist) -> Path:
     return out / "best.pt"
 
 
-
 def _resume_checkpoint(cfg: TrainConfig, out: Path) -> dict:
     """``last.pt`` of the run in ``out``, checked against ``cfg``'s fixed settings."""
     from histoclass.models.checkpoint import read_checkpoint
