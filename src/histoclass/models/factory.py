@@ -83,6 +83,19 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     log.info("loaded %d backbone tensors from %s", len(body), path)
 
 
+def init_head(model: nn.Module) -> None:
+    """Glorot-uniform weights and zero bias for the new linear head (Keras' ``Dense`` default).
+
+    timm initialises EfficientNet heads with ``U(+-1/sqrt(fan_out))``, sized for 1000 classes;
+    for a 2-class head that is +-0.71, giving initial logits around +-10 on ImageNet features
+    and a first epoch spent undoing them. Glorot gives +-0.068 for 1280 features.
+    """
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):
+        nn.init.xavier_uniform_(head.weight)
+        nn.init.zeros_(head.bias)
+
+
 def create_model(
     arch: str,
     num_classes: int,
@@ -107,11 +120,19 @@ def create_model(
         model = timm.create_model(name, pretrained=False, num_classes=num_classes,
                                   drop_rate=drop_rate)
         load_backbone_weights(model, weights)
-        return model
-    if not pretrained:
+    elif not pretrained:
         log.warning("%s: no pretrained weights, training from random initialisation", name)
-        return timm.create_model(name, pretrained=False, num_classes=num_classes,
-                                 drop_rate=drop_rate)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                  drop_rate=drop_rate)
+    else:
+        model = _from_hub(name, num_classes, drop_rate)
+    init_head(model)
+    return model
+
+
+def _from_hub(name: str, num_classes: int, drop_rate: float) -> nn.Module:
+    import timm
+
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes,
                                  drop_rate=drop_rate)

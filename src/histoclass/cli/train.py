@@ -1,0 +1,150 @@
+"""``histoclass models``, ``histoclass train`` and ``histoclass train-all``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from histoclass.cli._common import user_errors
+
+# The study's 10 members, in its order.
+ALL_MEMBERS = "v1-b0,v1-b1,v1-b2,v1-b3,v1-b4,v2-b0,v2-b1,v2-b2,v2-b3,v2-s"
+
+
+def models() -> None:
+    """List the ensemble members: timm name, parameters, native input size, pretrained tag."""
+    from histoclass.models.members import member_table
+
+    rows = member_table()
+    cols = ("name", "timm", "params_M", "input_size", "pretrained")
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    typer.echo("  ".join(c.ljust(width[c]) for c in cols))
+    for r in rows:
+        typer.echo("  ".join(str(r[c]).ljust(width[c]) for c in cols))
+
+
+def _errors():
+    from histoclass.models import CheckpointError, WeightsError
+
+    return user_errors(WeightsError, CheckpointError)
+
+
+def train(
+    manifest: Path = typer.Argument(..., help="Split manifest CSV (histoclass split)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: best.pt, last.pt, history.csv, "
+                             "curves.png, config.yaml."),
+    model: str = typer.Option("v2-b0", help="Member (histoclass models) or any timm name."),
+    task: str = typer.Option("binary", help="binary (benign/malignant) | subtype (8 classes)."),
+    fold: int = typer.Option(None, help="Fold of a kfold manifest (split_fold<K>)."),
+    magnification: str = typer.Option(None, help="Train on one magnification only, e.g. 40X."),
+    epochs: int = typer.Option(40, help="Epochs (the study: 40)."),
+    batch_size: int = typer.Option(32, help="Global batch (split over torchrun processes)."),
+    image_size: int = typer.Option(None, help="Input size; default: the model's own."),
+    lr: float = typer.Option(1e-4, help="Backbone learning rate (Adam)."),
+    head_lr: float = typer.Option(1e-3, help="Head learning rate (Adam)."),
+    weight_decay: float = typer.Option(0.0, help="Adam weight decay."),
+    dropout: float = typer.Option(0.3, help="Dropout before the head."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
+                                    help="ImageNet weights from the hub (timm's normal path)."),
+    weights: Path = typer.Option(None, help="Local ImageNet weights file (offline)."),
+    freeze_bn: bool = typer.Option(
+        None, "--freeze-bn/--train-bn",
+        help="Batch norm frozen (default with ImageNet weights) or trained (default from "
+        "scratch)."),
+    warmup_epochs: int = typer.Option(0, help="First epochs train the head only."),
+    schedule: str = typer.Option("constant", help="constant | cosine (per step, to 0)."),
+    patience: int = typer.Option(0, help="Stop after this many epochs without a better "
+                                 "validation score (0: never)."),
+    balance: str = typer.Option("none", help="none | weights (class-weighted loss) | sampler "
+                                "(class-balanced sampling); BreakHis is ~69% malignant."),
+    label_smoothing: float = typer.Option(0.0, help="Cross-entropy label smoothing."),
+    select: str = typer.Option(
+        "balanced_accuracy", help="Validation score that picks best.pt: balanced_accuracy "
+        "(default: robust to class imbalance) | auc | loss."),
+    color_jitter: float = typer.Option(0.0, help="Colour jitter strength (augmentation)."),
+    hed_jitter: float = typer.Option(0.0, help="HED stain jitter sigma (augmentation)."),
+    stain: str = typer.Option(None, help="Stain normalisation: reinhard | macenko | vahadane."),
+    stain_target: Path = typer.Option(None, help="Target image for --stain."),
+    seed: int = typer.Option(0, help="Seed for initialisation, order and augmentation."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    amp: str = typer.Option("auto", help="auto (bf16/fp16 on GPU, off on CPU) | off | bf16 | "
+                            "fp16."),
+    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last"),
+    workers: int = typer.Option(None, help="DataLoader workers per process; default "
+                                "min(4, CPUs)."),
+    cache_dir: str = typer.Option("", help="Decoded-image cache; default <out>/cache, 'off' for "
+                                  "none."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt."),
+) -> None:
+    """Fine-tune one member on MANIFEST's train split, selecting on its val split.
+
+    The test split is never read. Under torchrun the same command trains with
+    DistributedDataParallel.
+    """
+    from histoclass.train import TrainConfig
+    from histoclass.train import train as run
+
+    cfg = TrainConfig(
+        manifest=str(manifest), out=str(out), model=model, task=task, fold=fold,
+        magnification=magnification, epochs=epochs, batch_size=batch_size,
+        image_size=image_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay,
+        drop_rate=dropout, pretrained=pretrained, weights=str(weights) if weights else None,
+        freeze_bn=freeze_bn, warmup_epochs=warmup_epochs, schedule=schedule, patience=patience,
+        balance=balance, label_smoothing=label_smoothing, select=select,
+        color_jitter=color_jitter, hed_jitter=hed_jitter, stain=stain,
+        stain_target=str(stain_target) if stain_target else None, seed=seed, device=device,
+        amp=amp, channels_last=channels_last, workers=workers,
+        cache_dir=None if cache_dir == "off" else cache_dir, resume=resume,
+    )
+    with _errors():
+        best = run(cfg)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        typer.echo(f"best checkpoint: {best}")
+
+
+def train_all(
+    manifest: Path = typer.Argument(..., help="Split manifest CSV."),
+    out: Path = typer.Option(..., "--out", help="Root folder: one run folder per member."),
+    models_: str = typer.Option(ALL_MEMBERS, "--models", help="Comma-separated members."),
+    task: str = typer.Option("binary", help="binary | subtype."),
+    fold: int = typer.Option(None, help="Fold of a kfold manifest."),
+    magnification: str = typer.Option(None, help="One magnification only, e.g. 40X."),
+    epochs: int = typer.Option(40, help="Epochs per member."),
+    batch_size: int = typer.Option(32, help="Global batch."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
+    weights_dir: Path = typer.Option(None, help="Folder of local weights <member>.<ext>."),
+    balance: str = typer.Option("none", help="none | weights | sampler."),
+    schedule: str = typer.Option("constant", help="constant | cosine."),
+    select: str = typer.Option("balanced_accuracy", help="balanced_accuracy | auc | loss."),
+    seed: int = typer.Option(0, help="Seed."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    workers: int = typer.Option(None, help="DataLoader workers per process."),
+    cache_dir: str = typer.Option("", help="Shared cache; default <out>/cache, 'off' for none."),
+) -> None:
+    """Train several members in turn into OUT/<name>/, skipping finished runs."""
+    from histoclass.train import TrainConfig
+    from histoclass.train_all import train_all as run_all
+
+    names = [m.strip() for m in models_.split(",") if m.strip()]
+    base = TrainConfig(
+        manifest=str(manifest), out=str(out), task=task, fold=fold, magnification=magnification,
+        epochs=epochs, batch_size=batch_size, pretrained=pretrained, balance=balance,
+        schedule=schedule, select=select, seed=seed, device=device, workers=workers,
+        cache_dir=None if cache_dir == "off" else cache_dir,
+    )
+    with _errors():
+        base.check()
+        status = run_all(base, names, weights_dir=weights_dir)
+    for name, what in status.items():
+        typer.echo(f"{name}: {what}")
+    if any(s.startswith("failed") for s in status.values()):
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the CLI."""
+    app.command()(models)
+    app.command()(train)
+    app.command("train-all")(train_all)
