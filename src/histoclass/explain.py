@@ -1,0 +1,292 @@
+"""Class activation maps for one member or an ensemble, at the original image's resolution.
+
+All CAM methods come from the ``grad-cam`` package (``pytorch_grad_cam``) behind one small
+function, :func:`compute_cam`. What this module adds:
+
+- the target layer is found automatically: for timm EfficientNetV1/V2 (and Lite) it is ``bn2``,
+  the ``BatchNormAct2d`` after ``conv_head`` whose output (BN + SiLU) is exactly what global
+  pooling and the classifier see. ``conv_head`` alone would be the pre-BN, pre-activation map,
+  whose negative parts the activation discards before the head ever sees them.
+- frozen backbones work and nothing leaks: during a call every parameter is set to
+  ``requires_grad=False`` and a prepended forward hook turns the target layer's output into a
+  fresh leaf that requires grad. Gradients then flow only from the logits back to that layer
+  (the backbone below builds no graph, which also makes a CAM cost about one forward pass),
+  and all hooks, flags and graph references are released in ``finally``.
+- the target is the class's log-odds, ``logit_c - logsumexp(other logits)``: monotone in the
+  displayed probability (a plain logit can highlight evidence shared by both classes).
+- the map is computed at the model's input size and resized to the original image, which the
+  preprocessing squashes (no crop), so the map lines up pixel for pixel.
+
+A model instance must not be explained from two threads at once (hooks are per module).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+METHODS: dict[str, str] = {
+    "gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
+    "eigencam": "EigenCAM", "layercam": "LayerCAM",
+}
+_LAYER_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.SiLU, nn.ReLU, nn.GELU)
+
+
+class Member(NamedTuple):
+    """One ensemble member: a plain 4-tuple ``(name, model, preprocess, weight)`` also works."""
+
+    name: str
+    model: nn.Module
+    preprocess: Any  # histoclass.data.transforms.Preprocess
+    weight: float = 1.0
+    stain: Any = None  # callable uint8 HxWx3 -> uint8 HxWx3, or None
+
+
+@dataclass
+class Explanation:
+    """One model's map for one image.
+
+    Attributes:
+        cam: ``HxW`` float32 in [0, 1] at the original image's size.
+        probs: Class probabilities (softmax of the logits).
+        target: Index of the explained class.
+        classes: Class names in output order.
+        method: CAM method name.
+        layer: Name of the target layer.
+    """
+
+    cam: np.ndarray
+    probs: np.ndarray
+    target: int
+    classes: list[str]
+    method: str
+    layer: str
+
+    @property
+    def pred(self) -> int:
+        """Index of the predicted class."""
+        return int(np.argmax(self.probs))
+
+
+@dataclass
+class EnsembleExplanation:
+    """Per-member explanations and the fused map, weighted like the ensemble (weights sum to 1)."""
+
+    members: list[tuple[str, float, Explanation]]
+    cam: np.ndarray
+    probs: np.ndarray
+    target: int
+    classes: list[str]
+
+    @property
+    def pred(self) -> int:
+        """Index of the ensemble's predicted class."""
+        return int(np.argmax(self.probs))
+
+
+class LogOddsTarget:
+    """CAM target: ``logit_c - logsumexp(others)``; ``index=None`` explains the argmax."""
+
+    def __init__(self, index: int | None = None) -> None:
+        self.index = index
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            self.index = int(logits.detach().argmax())
+        others = torch.cat([logits[: self.index], logits[self.index + 1:]])
+        return logits[self.index] - torch.logsumexp(others, dim=0)
+
+
+def candidate_layers(model: nn.Module, n: int = 10) -> list[str]:
+    """The last ``n`` conv/norm/activation modules: sensible CAM target layers."""
+    names = [name for name, m in model.named_modules() if name and isinstance(m, _LAYER_TYPES)]
+    return names[-n:]
+
+
+def find_target_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module]:
+    """The CAM target layer: ``name`` if given, else ``bn2`` (timm EfficientNet) or the last
+    conv/norm/activation module.
+
+    Raises:
+        ValueError: ``name`` is not a module of ``model``; the message lists candidates.
+    """
+    modules = dict(model.named_modules())
+    if name is None:
+        timm_efficientnet = "bn2" in modules and "conv_head" in modules
+        name = "bn2" if timm_efficientnet else (candidate_layers(model, 1) or [""])[0]
+    if not name or name not in modules:
+        raise ValueError(
+            f"layer {name!r} not found in {type(model).__name__}; candidate layers (last conv/"
+            f"norm-act modules): {', '.join(candidate_layers(model))}"
+        )
+    return name, modules[name]
+
+
+def _leaf(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+    # A fresh leaf: backward stops here, whatever the parameters' requires_grad flags are.
+    return output.detach().requires_grad_(True)
+
+
+def compute_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, method: str = "gradcam",
+                target: int | None = None) -> tuple[np.ndarray, torch.Tensor, int]:
+    """Run one ``grad-cam`` method on a ``1x3xHxW`` input and release everything it attached.
+
+    Returns:
+        The map at the input size (``HxW`` float32 in [0, 1]), the logits (1-D) and the index of
+        the explained class (``target``, or the argmax when ``None``).
+    """
+    import pytorch_grad_cam
+
+    if method not in METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    goal = LogOddsTarget(target)
+    hook = layer.register_forward_hook(_leaf, prepend=True)
+    cam = None
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        cam = getattr(pytorch_grad_cam, METHODS[method])(model=model, target_layers=[layer])
+        with torch.enable_grad():
+            grey = cam(input_tensor=x, targets=[goal])
+        logits = cam.outputs.detach()[0]
+    finally:
+        hook.remove()
+        if cam is not None:
+            cam.activations_and_grads.release()
+            cam.outputs = None  # holds the graph (grad-cam backpropagates with retain_graph)
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+    if goal.index is None:  # gradient-free methods (EigenCAM) never call the target
+        goal.index = int(logits.argmax())
+    return np.clip(grey[0], 0.0, 1.0).astype(np.float32), logits, goal.index
+
+
+def resize_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a map to ``(width, height)``, kept in [0, 1]."""
+    import cv2
+
+    out = cv2.resize(cam.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+    return np.clip(out, 0.0, 1.0)
+
+
+def class_index(target: str | int | None, classes: list[str]) -> int | None:
+    """``predicted``/``None`` -> ``None``; a class name or index -> its index."""
+    if target is None or target == "predicted":
+        return None
+    if isinstance(target, int) and 0 <= target < len(classes):
+        return target
+    if target in classes:
+        return classes.index(target)
+    raise ValueError(f"unknown class {target!r}; choose predicted or one of {', '.join(classes)}")
+
+
+def model_input(image: np.ndarray, preprocess: Any, stain: Any = None) -> torch.Tensor:
+    """Original ``HxWx3`` uint8 image -> normalised ``1x3xhxw`` model input."""
+    from PIL import Image
+
+    if stain is not None:
+        image = stain(image)
+    return preprocess.normalize(np.array(preprocess.resize(Image.fromarray(image)))).unsqueeze(0)
+
+
+def explain_image(model: nn.Module, image: np.ndarray, preprocess: Any, classes: list[str], *,
+                  method: str = "gradcam", target: str | int | None = "predicted",
+                  layer: str | None = None, stain: Any = None) -> Explanation:
+    """Explain one model's output on one original-resolution ``HxWx3`` uint8 image.
+
+    Args:
+        model: Classifier returning logits.
+        image: The original image (the map is returned at its size).
+        preprocess: The model's :class:`~histoclass.data.transforms.Preprocess`.
+        classes: Class names in output order.
+        method: One of :data:`METHODS`.
+        target: ``predicted``, a class name or index.
+        layer: Target layer name; ``None`` finds it (see :func:`find_target_layer`).
+        stain: Optional stain normaliser applied before resizing, as in training.
+    """
+    layer_name, module = find_target_layer(model, layer)
+    x = model_input(image, preprocess, stain)
+    cam, logits, index = compute_cam(model, x, module, method, class_index(target, classes))
+    probs = torch.softmax(logits.float(), 0).numpy()
+    full = resize_map(cam, (image.shape[1], image.shape[0]))
+    return Explanation(full, probs, index, list(classes), method, layer_name)
+
+
+def explain_ensemble(members: list[Member] | list[tuple], image: np.ndarray, classes: list[str],
+                     *, fused_probs: np.ndarray | None = None, method: str = "gradcam",
+                     target: str | int | None = "predicted", layer: str | None = None
+                     ) -> EnsembleExplanation:
+    """One map per member and their weighted mean, all explaining the same class.
+
+    Args:
+        members: ``(name, model, preprocess, weight[, stain])`` per member; weights are
+            normalised to sum to 1.
+        image: The original ``HxWx3`` uint8 image.
+        classes: Class names in output order (shared by all members).
+        fused_probs: The ensemble's probabilities; ``None`` uses the weighted mean of the
+            members' (a soft-voting ensemble).
+        method, target, layer: As in :func:`explain_image`; ``predicted`` means the ensemble's
+            predicted class.
+    """
+    members = [Member(*m) for m in members]
+    if not members:
+        raise ValueError("an ensemble explanation needs at least one member")
+    weights = np.array([float(m.weight) for m in members])
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"ensemble weights must be >= 0 with a positive sum, got {list(weights)}")
+    weights = weights / weights.sum()
+    index = class_index(target, classes)
+    if index is None:
+        if fused_probs is None:  # the fused prediction is needed before choosing the class
+            with torch.inference_mode():
+                fused_probs = sum(
+                    w * torch.softmax(m.model(model_input(image, m.preprocess, m.stain))[0], 0)
+                    .numpy() for w, m in zip(weights, members, strict=True))
+        index = int(np.argmax(fused_probs))
+    out = []
+    for w, m in zip(weights, members, strict=True):
+        out.append((m.name, float(w), explain_image(
+            m.model, image, m.preprocess, classes, method=method, target=index, layer=layer,
+            stain=m.stain)))
+    if fused_probs is None:
+        fused_probs = sum(w * e.probs for _, w, e in out)
+    cam = sum(w * e.cam for _, w, e in out).astype(np.float32)
+    return EnsembleExplanation(out, np.clip(cam, 0, 1), np.asarray(fused_probs, dtype=np.float64),
+                               index, list(classes))
+
+
+def load_member(path: str, weight: float = 1.0) -> tuple[Member, dict[str, Any]]:
+    """A member checkpoint as a :class:`Member` (with its stain normaliser) and its metadata."""
+    from pathlib import Path
+
+    from histoclass.models import load_checkpoint, preprocess_of
+
+    model, meta = load_checkpoint(path)
+    return Member(Path(path).stem, model, preprocess_of(meta), weight, stain_of(meta, path)), meta
+
+
+def stain_of(meta: dict[str, Any], where: str = "checkpoint") -> Any:
+    """The checkpoint's fitted stain normaliser, or ``None`` when it was trained without one."""
+    if meta.get("stain") is None:
+        return None
+    try:
+        from histoclass.stain import from_dict
+    except ImportError as exc:
+        method = meta["stain"].get("method", "?") if isinstance(meta["stain"], dict) else "?"
+        raise ValueError(
+            f"{where} was trained with {method} stain normalisation but histoclass.stain is not "
+            f"available ({exc}); install a histoclass with stain support"
+        ) from None
+    return from_dict(meta["stain"])
