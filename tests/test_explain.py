@@ -279,3 +279,13 @@ def test_cli_score_table_and_gradcam_beats_random(checkpoints, trained, tmp_path
     for word in ("method", "deletion", "insertion", "sec_per_image", "gradcam", "eigencam",
                  "random"):
         assert word in res.output
+
+
+def test_fast_eigen_projection_matches_grad_cam():
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
+
+    from histoclass.explain import eigen_projection
+
+    acts = np.random.default_rng(0).random((2, 64, 5, 7)).astype(np.float32)
+    np.testing.assert_allclose(eigen_projection(acts),
+                               get_2d_projection_with_sign_correction(acts), atol=1e-4)
