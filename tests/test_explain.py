@@ -65,6 +65,7 @@ def trained():
         opt.zero_grad()
         loss.backward()
         opt.step()
+    opt.zero_grad(set_to_none=True)
     return model.eval(), pre
 
 
@@ -289,3 +290,37 @@ def test_fast_eigen_projection_matches_grad_cam():
     acts = np.random.default_rng(0).random((2, 64, 5, 7)).astype(np.float32)
     np.testing.assert_allclose(eigen_projection(acts),
                                get_2d_projection_with_sign_correction(acts), atol=1e-4)
+
+
+def test_cli_manifest_split_and_caller_grads_kept(checkpoints, trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from histoclass.cli import app
+    from histoclass.data import write_manifest
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for i, (label, split) in enumerate((("malignant", "test"), ("benign", "test"),
+                                        ("malignant", "train"))):
+        path = tmp_path / f"m{i}.png"
+        Image.fromarray(blob_image(rng, label == "malignant")[0]).save(path)
+        rows.append({"path": path.name, "label": label, "patient_id": f"p{i}", "split": split})
+    import pandas as pd
+
+    manifest = write_manifest(pd.DataFrame(rows), tmp_path / "manifest.csv")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["explain", checkpoints[0], "--manifest", str(manifest),
+                                   "--split", "test", "--out", str(out), "--class", "malignant"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.glob("*.overlay.png")) == ["m0.overlay.png",
+                                                                 "m1.overlay.png"]
+    csv = pd.read_csv(out / "explanations.csv")
+    assert list(csv["correct"]) == ["yes", "yes"]
+    # Explaining mid-training must not wipe the caller's accumulated gradients.
+    model, pre = trained
+    model.classifier.weight.grad = torch.ones_like(model.classifier.weight)
+    try:
+        explain_image(model, blob_image(rng, True)[0], pre, CLASSES)
+        assert torch.equal(model.classifier.weight.grad, torch.ones_like(model.classifier.weight))
+    finally:
+        model.classifier.weight.grad = None

@@ -149,6 +149,7 @@ def compute_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, method: str
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]  # grad-cam calls model.zero_grad(): keep a caller's grads
     was_training = model.training
     goal = LogOddsTarget(target)
     hook = layer.register_forward_hook(_leaf, prepend=True)
@@ -167,9 +168,9 @@ def compute_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, method: str
         if cam is not None:
             cam.activations_and_grads.release()
             cam.outputs = None  # holds the graph (grad-cam backpropagates with retain_graph)
-        for p, flag in zip(params, flags, strict=True):
+        for p, flag, grad in zip(params, flags, grads, strict=True):
             p.requires_grad_(flag)
-            p.grad = None
+            p.grad = grad
         model.train(was_training)
     if goal.index is None:  # gradient-free methods (EigenCAM) never call the target
         goal.index = int(logits.argmax())

@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histoclass.explain import Member, explain_ensemble, explain_image
+from histoclass.explain import (
+    Member,
+    class_index,
+    explain_ensemble,
+    explain_image,
+    find_target_layer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,9 @@ def explain_batch(members: list[Member], classes: list[str], items: list[tuple[s
         save_overlay,
     )
 
+    for m in members:  # settings errors fail now, not once per image below
+        find_target_layer(m.model, layer)
+    class_index(target, classes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result, used = BatchResult(), set()
@@ -70,19 +79,24 @@ def explain_batch(members: list[Member], classes: list[str], items: list[tuple[s
             log.warning("skipped %s", exc)
             result.skipped.append((Path(path).name, exc.reason))
             continue
-        name = _unique(Path(path).stem, used)
         title = Path(path).name
-        if len(members) == 1:
-            m = members[0]
-            e = explain_image(m.model, image, m.preprocess, classes, method=method,
-                              target=target, layer=layer, stain=m.stain)
-            fig = explanation_figure(image, e, title, alpha)
-            cam, probs, pred = e.cam, e.probs, e.pred
-        else:
-            ens = explain_ensemble(members, image, classes, method=method, target=target,
-                                   layer=layer)
-            fig = ensemble_figure(image, ens, title, alpha)
-            cam, probs, pred = ens.cam, ens.probs, ens.pred
+        try:
+            if len(members) == 1:
+                m = members[0]
+                e = explain_image(m.model, image, m.preprocess, classes, method=method,
+                                  target=target, layer=layer, stain=m.stain)
+                fig = explanation_figure(image, e, title, alpha)
+                cam, probs, pred = e.cam, e.probs, e.pred
+            else:
+                ens = explain_ensemble(members, image, classes, method=method, target=target,
+                                       layer=layer)
+                fig = ensemble_figure(image, ens, title, alpha)
+                cam, probs, pred = ens.cam, ens.probs, ens.pred
+        except ValueError as exc:  # e.g. a stain normaliser refusing a blank image
+            log.warning("skipped %s: %s", path, exc)
+            result.skipped.append((title, str(exc)))
+            continue
+        name = _unique(Path(path).stem, used)
         save_figure(fig, out / f"{name}.png")
         save_overlay(image, cam, out / f"{name}.overlay.png", alpha)
         row = {"path": str(path), "name": Path(path).name, "figure": f"{name}.png",

@@ -27,10 +27,11 @@ def _true_label(path: Path, classes: list[str]) -> str:
         parsed = parse_name(path.name)
     except ValueError:
         parsed = None
-    if parsed is not None and parsed.label in classes:
-        return parsed.label
     found = label_from_folder(path.parent.name)
-    return found[0] if found and found[0] in classes else ""
+    for label in ((parsed.label, parsed.subtype) if parsed else ()) + (found or ()):
+        if label in classes:
+            return label
+    return ""
 
 
 def _items(images: list[str], manifest: Path | None, split: str,
@@ -44,7 +45,10 @@ def _items(images: list[str], manifest: Path | None, split: str,
         rows = select(read_manifest(manifest), split)
         if rows.empty:
             raise ValueError(f"manifest {manifest} has no {split!r} images")
-        items += [(p, lab if lab in classes else "") for p, lab in zip(rows["path"], rows["label"],
+        # Subtype models are judged against the manifest's subtype column.
+        col = "label" if set(classes) <= set(rows["label"]) | {"benign", "malignant"} else "subtype"
+        labels = rows[col] if col in rows.columns else [""] * len(rows)
+        items += [(p, lab if lab in classes else "") for p, lab in zip(rows["path"], labels,
                                                                        strict=True)]
     for text in images:
         path = resolve_data(text)
