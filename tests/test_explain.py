@@ -58,7 +58,7 @@ def trained():
     pre = model_preprocess(model, S)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     model.train()
-    for _ in range(40):
+    for _ in range(25):
         ys = rng.integers(0, 2, 16)
         xs = torch.stack([pre.normalize(blob_image(rng, bool(y))[0]) for y in ys])
         loss = torch.nn.functional.cross_entropy(model(xs), torch.from_numpy(ys))
