@@ -101,7 +101,8 @@ def save_figure(fig: Any, path: str | Path) -> Path:
     """Write a figure as PNG and free it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
+    # Fast zlib level: 3-4x quicker to write than the default, files ~15% bigger.
+    fig.savefig(path, dpi=_DPI, pil_kwargs={"compress_level": 1})
     fig.clear()
     return path
 
@@ -113,5 +114,5 @@ def save_overlay(image: np.ndarray, cam: np.ndarray, path: str | Path,
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(image, cam, alpha)).save(path)
+    Image.fromarray(overlay(image, cam, alpha)).save(path, compress_level=1)
     return path
