@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from histoclass.explain import EnsembleExplanation, Explanation
+from histoclass.explain import Explanation
+from histoclass.explain_ensemble import EnsembleExplanation
 
 # Pixels per inch for figures whose panels show the image at (close to) full resolution.
 _DPI = 100

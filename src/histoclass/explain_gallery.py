@@ -12,13 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histoclass.explain import (
-    Member,
-    class_index,
-    explain_ensemble,
-    explain_image,
-    find_target_layer,
-)
+from histoclass.explain import Member, class_index, explain_image, find_target_layer
+from histoclass.explain_ensemble import explain_ensemble
 
 log = logging.getLogger(__name__)
 

@@ -70,7 +70,7 @@ def _items(images: list[str], manifest: Path | None, split: str,
 
 def _members(models: list[str], weights: str | None):
     """Member checkpoints as explain.Member tuples, with their shared class names."""
-    from histoclass.explain import load_member
+    from histoclass.explain_ensemble import load_member
     from histoclass.models.checkpoint import read_checkpoint
 
     ws = [1.0] * len(models)
