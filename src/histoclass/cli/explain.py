@@ -83,9 +83,11 @@ def _members(models: list[str], weights: str | None):
     for path, w in zip(models, ws, strict=True):
         kind = read_checkpoint(path)["meta"].get("kind")
         if kind != "member":
-            # histoclass.models.ensemble checkpoints: the lead wires them to explain_ensemble.
-            raise ValueError(f"{path}: a {kind!r} checkpoint; explain takes member checkpoints "
-                             "(several make a soft ensemble with --ensemble-weights)")
+            # Ensemble files: wire histoclass.models.ensemble's members and fused probabilities
+            # to explain_ensemble here once that module exists.
+            raise ValueError(f"{path}: a {kind!r} checkpoint, which explain does not read yet; "
+                             "pass its member checkpoints instead (several make a soft ensemble,"
+                             " weighted with --ensemble-weights)")
         member, meta = load_member(path, w)
         if classes is not None and meta["classes"] != classes:
             raise ValueError(f"{path}: classes {meta['classes']} differ from {classes} of "
