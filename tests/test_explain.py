@@ -253,6 +253,12 @@ def test_cli_soft_ensemble_of_member_checkpoints(checkpoints, tmp_path):
     wrong = CliRunner().invoke(app, ["explain", checkpoints[0], str(image), "--out",
                                      str(tmp_path / "w"), "--layer", "nope"])
     assert wrong.exit_code == 2 and "candidate layers" in wrong.output
+    method = CliRunner().invoke(app, ["explain", checkpoints[0], str(image), "--out",
+                                      str(tmp_path / "w"), "--method", "scorecam"])
+    assert method.exit_code == 2 and "unknown CAM method 'scorecam'" in method.output
+    klass = CliRunner().invoke(app, ["explain", checkpoints[0], str(image), "--out",
+                                     str(tmp_path / "w"), "--class", "tumour"])
+    assert klass.exit_code == 2 and "unknown class 'tumour'" in klass.output
 
 
 def test_cli_score_table_and_gradcam_beats_random(checkpoints, trained, tmp_path):

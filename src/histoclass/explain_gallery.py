@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from histoclass.explain import Member, class_index, explain_image, find_target_layer
+from histoclass.explain import METHODS, Member, class_index, explain_image, find_target_layer
 from histoclass.explain_ensemble import explain_ensemble
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,9 @@ def explain_batch(members: list[Member], classes: list[str], items: list[tuple[s
         save_overlay,
     )
 
-    for m in members:  # settings errors fail now, not once per image below
+    if method not in METHODS:  # settings errors fail now, not once per image below
+        raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
+    for m in members:
         find_target_layer(m.model, layer)
     class_index(target, classes)
     out = Path(out)
