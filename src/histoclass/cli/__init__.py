@@ -9,7 +9,7 @@ import logging
 
 import typer
 
-from histoclass.cli import data, evaluate, pipeline, train
+from histoclass.cli import data, evaluate, explain, pipeline, train
 
 app = typer.Typer(
     name="histoclass",
@@ -18,7 +18,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for _module in (data, train, pipeline, evaluate):
+for _module in (data, train, pipeline, evaluate, explain):
     _module.register(app)
 
 

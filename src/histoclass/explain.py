@@ -1,0 +1,242 @@
+"""Class activation maps for one member or an ensemble, at the original image's resolution.
+
+All CAM methods come from the ``grad-cam`` package (``pytorch_grad_cam``) behind one small
+function, :func:`compute_cam`. What this module adds:
+
+- the target layer is found automatically: for timm EfficientNetV1/V2 (and Lite) it is ``bn2``,
+  the ``BatchNormAct2d`` after ``conv_head`` whose output (BN + SiLU) is exactly what global
+  pooling and the classifier see. ``conv_head`` alone would be the pre-BN, pre-activation map,
+  whose negative parts the activation discards before the head ever sees them.
+- frozen backbones work and nothing leaks: during a call every parameter is set to
+  ``requires_grad=False`` and a prepended forward hook turns the target layer's output into a
+  fresh leaf that requires grad. Gradients then flow only from the logits back to that layer
+  (the backbone below builds no graph, which also makes a CAM cost about one forward pass),
+  and all hooks, flags and graph references are released in ``finally``.
+- the target is the class's log-odds, ``logit_c - logsumexp(other logits)``: monotone in the
+  displayed probability (a plain logit can highlight evidence shared by both classes).
+- the map is computed at the model's input size and resized to the original image, which the
+  preprocessing squashes (no crop), so the map lines up pixel for pixel.
+
+A model instance must not be explained from two threads at once (hooks are per module).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+METHODS: dict[str, str] = {
+    "gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
+    "eigencam": "EigenCAM", "layercam": "LayerCAM",
+}
+_LAYER_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.SiLU, nn.ReLU, nn.GELU)
+
+
+class Member(NamedTuple):
+    """One ensemble member: a plain 4-tuple ``(name, model, preprocess, weight)`` also works."""
+
+    name: str
+    model: nn.Module
+    preprocess: Any  # histoclass.data.transforms.Preprocess
+    weight: float = 1.0
+    stain: Any = None  # callable uint8 HxWx3 -> uint8 HxWx3, or None
+
+
+@dataclass
+class Explanation:
+    """One model's map for one image.
+
+    Attributes:
+        cam: ``HxW`` float32 in [0, 1] at the original image's size.
+        probs: Class probabilities (softmax of the logits).
+        target: Index of the explained class.
+        classes: Class names in output order.
+        method: CAM method name.
+        layer: Name of the target layer.
+    """
+
+    cam: np.ndarray
+    probs: np.ndarray
+    target: int
+    classes: list[str]
+    method: str
+    layer: str
+
+    @property
+    def pred(self) -> int:
+        """Index of the predicted class."""
+        return int(np.argmax(self.probs))
+
+
+class LogOddsTarget:
+    """CAM target: ``logit_c - logsumexp(others)``; ``index=None`` explains the argmax."""
+
+    def __init__(self, index: int | None = None) -> None:
+        self.index = index
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            self.index = int(logits.detach().argmax())
+        others = torch.cat([logits[: self.index], logits[self.index + 1:]])
+        return logits[self.index] - torch.logsumexp(others, dim=0)
+
+
+def candidate_layers(model: nn.Module, n: int = 10) -> list[str]:
+    """The last ``n`` conv/norm/activation modules: sensible CAM target layers."""
+    names = [name for name, m in model.named_modules() if name and isinstance(m, _LAYER_TYPES)]
+    return names[-n:]
+
+
+def find_target_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module]:
+    """The CAM target layer: ``name`` if given, else ``bn2`` (timm EfficientNet) or the last
+    conv/norm/activation module.
+
+    Raises:
+        ValueError: ``name`` is not a module of ``model``; the message lists candidates.
+    """
+    modules = dict(model.named_modules())
+    if name is None:
+        timm_efficientnet = "bn2" in modules and "conv_head" in modules
+        name = "bn2" if timm_efficientnet else (candidate_layers(model, 1) or [""])[0]
+    if not name or name not in modules:
+        raise ValueError(
+            f"layer {name!r} not found in {type(model).__name__}; candidate layers (last conv/"
+            f"norm-act modules): {', '.join(candidate_layers(model))}"
+        )
+    return name, modules[name]
+
+
+def _leaf(_module: nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+    # A fresh leaf: backward stops here, whatever the parameters' requires_grad flags are.
+    return output.detach().requires_grad_(True)
+
+
+def compute_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, method: str = "gradcam",
+                target: int | None = None) -> tuple[np.ndarray, torch.Tensor, int]:
+    """Run one ``grad-cam`` method on a ``1x3xHxW`` input and release everything it attached.
+
+    Returns:
+        The map at the input size (``HxW`` float32 in [0, 1]), the logits (1-D) and the index of
+        the explained class (``target``, or the argmax when ``None``).
+    """
+    import pytorch_grad_cam
+
+    if method not in METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]  # grad-cam calls model.zero_grad(): keep a caller's grads
+    was_training = model.training
+    goal = LogOddsTarget(target)
+    hook = layer.register_forward_hook(_leaf, prepend=True)
+    cam = None
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        kind = _fast_eigen_cam() if method == "eigencam" else getattr(pytorch_grad_cam,
+                                                                      METHODS[method])
+        cam = kind(model=model, target_layers=[layer])
+        with torch.enable_grad():
+            grey = cam(input_tensor=x, targets=[goal])
+        logits = cam.outputs.detach()[0]
+    finally:
+        hook.remove()
+        if cam is not None:
+            cam.activations_and_grads.release()
+            cam.outputs = None  # holds the graph (grad-cam backpropagates with retain_graph)
+        for p, flag, grad in zip(params, flags, grads, strict=True):
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(was_training)
+    if goal.index is None:  # gradient-free methods (EigenCAM) never call the target
+        goal.index = int(logits.argmax())
+    return np.clip(grey[0], 0.0, 1.0).astype(np.float32), logits, goal.index
+
+
+def eigen_projection(activations: np.ndarray) -> np.ndarray:
+    """First principal component of ``BxCxHxW`` activations per image, salient side positive.
+
+    The same map as ``grad-cam``'s ``get_2d_projection_with_sign_correction``, but with an
+    economy SVD: the package asks for all of V (1280x1280 for EfficientNet-B0), about a second
+    per image on CPU, and uses only its first row.
+    """
+    out = []
+    for act in np.nan_to_num(activations):
+        flat = torch.from_numpy(np.ascontiguousarray(act.reshape(act.shape[0], -1).T))
+        flat = flat - flat.mean(dim=0)
+        # torch's SVD: numpy's OpenBLAS spins up its own threads, ~100x slower on a busy CPU.
+        vt = torch.linalg.svd(flat, full_matrices=False)[2]
+        proj = (flat @ vt[0]).reshape(act.shape[1:]).numpy()
+        out.append(-proj if abs(proj.min()) > abs(proj.max()) else proj)
+    return np.float32(out)
+
+
+@functools.cache
+def _fast_eigen_cam() -> type:
+    from pytorch_grad_cam import EigenCAM
+
+    class FastEigenCAM(EigenCAM):
+        def get_cam_image(self, input_tensor, target_layer, target_category, activations,
+                          grads, eigen_smooth):
+            return eigen_projection(activations)
+
+    return FastEigenCAM
+
+
+def resize_map(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a map to ``(width, height)``, kept in [0, 1]."""
+    import cv2
+
+    out = cv2.resize(cam.astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+    return np.clip(out, 0.0, 1.0)
+
+
+def class_index(target: str | int | None, classes: list[str]) -> int | None:
+    """``predicted``/``None`` -> ``None``; a class name or index -> its index."""
+    if target is None or target == "predicted":
+        return None
+    if isinstance(target, int) and 0 <= target < len(classes):
+        return target
+    if target in classes:
+        return classes.index(target)
+    raise ValueError(f"unknown class {target!r}; choose predicted or one of {', '.join(classes)}")
+
+
+def model_input(image: np.ndarray, preprocess: Any, stain: Any = None) -> torch.Tensor:
+    """Original ``HxWx3`` uint8 image -> normalised ``1x3xhxw`` model input."""
+    from PIL import Image
+
+    if stain is not None:
+        image = stain(image)
+    return preprocess.normalize(np.array(preprocess.resize(Image.fromarray(image)))).unsqueeze(0)
+
+
+def explain_image(model: nn.Module, image: np.ndarray, preprocess: Any, classes: list[str], *,
+                  method: str = "gradcam", target: str | int | None = "predicted",
+                  layer: str | None = None, stain: Any = None) -> Explanation:
+    """Explain one model's output on one original-resolution ``HxWx3`` uint8 image.
+
+    Args:
+        model: Classifier returning logits.
+        image: The original image (the map is returned at its size).
+        preprocess: The model's :class:`~histoclass.data.transforms.Preprocess`.
+        classes: Class names in output order.
+        method: One of :data:`METHODS`.
+        target: ``predicted``, a class name or index.
+        layer: Target layer name; ``None`` finds it (see :func:`find_target_layer`).
+        stain: Optional stain normaliser applied before resizing, as in training.
+    """
+    layer_name, module = find_target_layer(model, layer)
+    x = model_input(image, preprocess, stain)
+    cam, logits, index = compute_cam(model, x, module, method, class_index(target, classes))
+    probs = torch.softmax(logits.float(), 0).numpy()
+    full = resize_map(cam, (image.shape[1], image.shape[0]))
+    return Explanation(full, probs, index, list(classes), method, layer_name)

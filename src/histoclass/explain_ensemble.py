@@ -1,0 +1,101 @@
+"""Ensemble explanations (one map per member, fused like the ensemble) and member loading.
+
+An ensemble is a plain list of members ``(name, model, preprocess, weight[, stain])`` plus, when
+known, the ensemble's fused probabilities: what ``histoclass.models.ensemble`` (soft voting or
+feature concatenation over frozen members) can hand over without this module knowing its file
+format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from histoclass.explain import Explanation, Member, class_index, explain_image, model_input
+
+
+@dataclass
+class EnsembleExplanation:
+    """Per-member explanations and the fused map, weighted like the ensemble (weights sum to 1)."""
+
+    members: list[tuple[str, float, Explanation]]
+    cam: np.ndarray
+    probs: np.ndarray
+    target: int
+    classes: list[str]
+
+    @property
+    def pred(self) -> int:
+        """Index of the ensemble's predicted class."""
+        return int(np.argmax(self.probs))
+
+
+def explain_ensemble(members: list[Member] | list[tuple], image: np.ndarray, classes: list[str],
+                     *, fused_probs: np.ndarray | None = None, method: str = "gradcam",
+                     target: str | int | None = "predicted", layer: str | None = None
+                     ) -> EnsembleExplanation:
+    """One map per member and their weighted mean, all explaining the same class.
+
+    Args:
+        members: ``(name, model, preprocess, weight[, stain])`` per member; weights are
+            normalised to sum to 1.
+        image: The original ``HxWx3`` uint8 image.
+        classes: Class names in output order (shared by all members).
+        fused_probs: The ensemble's probabilities; ``None`` uses the weighted mean of the
+            members' (a soft-voting ensemble).
+        method, target, layer: As in :func:`explain_image`; ``predicted`` means the ensemble's
+            predicted class.
+    """
+    members = [Member(*m) for m in members]
+    if not members:
+        raise ValueError("an ensemble explanation needs at least one member")
+    weights = np.array([float(m.weight) for m in members])
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"ensemble weights must be >= 0 with a positive sum, got {list(weights)}")
+    weights = weights / weights.sum()
+    index = class_index(target, classes)
+    if index is None:
+        if fused_probs is None:  # the fused prediction is needed before choosing the class
+            with torch.inference_mode():
+                fused_probs = sum(
+                    w * torch.softmax(m.model(model_input(image, m.preprocess, m.stain))[0], 0)
+                    .numpy() for w, m in zip(weights, members, strict=True))
+        index = int(np.argmax(fused_probs))
+    out = []
+    for w, m in zip(weights, members, strict=True):
+        out.append((m.name, float(w), explain_image(
+            m.model, image, m.preprocess, classes, method=method, target=index, layer=layer,
+            stain=m.stain)))
+    if fused_probs is None:
+        fused_probs = sum(w * e.probs for _, w, e in out)
+    cam = sum(w * e.cam for _, w, e in out).astype(np.float32)
+    return EnsembleExplanation(out, np.clip(cam, 0, 1), np.asarray(fused_probs, dtype=np.float64),
+                               index, list(classes))
+
+
+def load_member(path: str, weight: float = 1.0) -> tuple[Member, dict[str, Any]]:
+    """A member checkpoint as a :class:`Member` (with its stain normaliser) and its metadata."""
+    from pathlib import Path
+
+    from histoclass.models import load_checkpoint, preprocess_of
+
+    model, meta = load_checkpoint(path)
+    return Member(Path(path).stem, model, preprocess_of(meta), weight, stain_of(meta, path)), meta
+
+
+def stain_of(meta: dict[str, Any], where: str = "checkpoint") -> Any:
+    """The checkpoint's fitted stain normaliser, or ``None`` when it was trained without one."""
+    if meta.get("stain") is None:
+        return None
+    try:
+        from histoclass.stain import from_dict
+    except ImportError as exc:
+        method = meta["stain"].get("method", "?") if isinstance(meta["stain"], dict) else "?"
+        raise ValueError(
+            f"{where} was trained with {method} stain normalisation but histoclass.stain is not "
+            f"available ({exc}); install a histoclass with stain support"
+        ) from None
+    return from_dict(meta["stain"])
