@@ -77,7 +77,7 @@ def fit_weights(members: torch.Tensor, targets: torch.Tensor, steps: int = 500,
         loss.backward()
         opt.step()
     w = theta.detach().softmax(0)
-    log.info("ensemble weights %s (validation log-loss %.4f)", w.tolist(), float(loss))
+    log.info("ensemble weights %s (validation log-loss %.4f)", w.tolist(), float(loss.detach()))
     return [float(v) for v in w]
 
 
