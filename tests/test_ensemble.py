@@ -114,7 +114,7 @@ def test_concat_head_is_the_studys_architecture():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """Two trained members and a manifest whose test images are unreadable."""
+    """Two trained members and a manifest whose train and test images are unreadable."""
     root = tmp_path_factory.mktemp("ens")
     manifest = sample_manifest(root / "orig")
     members = [train_member(manifest, root / "runs" / f"r{s}" / "best.pt", seed=s, steps=3 + s)
@@ -125,8 +125,8 @@ def setup(tmp_path_factory):
     paths = []
     for path, split in zip(frame["path"], frame["split"], strict=True):
         dst = images / path.rsplit("/", 1)[-1]
-        if split == "test":
-            dst.write_bytes(b"test images must never be read while fitting")
+        if split != "val":
+            dst.write_bytes(b"only validation images may be read while fitting")
         else:
             shutil.copy(path, dst)
         paths.append(str(dst))
@@ -140,7 +140,7 @@ def test_fitting_reads_validation_rows_only(setup, method):
     ens = fit_ensemble(members, method, blind, seed=0)
     val = select(read_manifest(blind), "val")
     assert sorted(ens.fit["paths"]) == sorted(val["path"])
-    assert ens.fit["skipped"] == 0  # the unreadable test images were never opened
+    assert ens.fit["skipped"] == 0  # the unreadable train/test images were never opened
     assert ens.fit["fit_rows"] + ens.fit["stop_rows"] == len(val)
 
 

@@ -171,3 +171,31 @@ def test_cli_needs_exactly_one_input_kind(trained, tmp_path):
     missing = runner.invoke(app, ["predict", str(tmp_path / "nope.pt"), "--manifest",
                                   str(manifest), "--out", str(tmp_path / "p.csv")])
     assert missing.exit_code == 2 and "nope.pt does not exist" in missing.output
+
+
+def test_subtype_task_has_one_probability_per_class(tmp_path):
+    from histoclass.data import SUBTYPES
+    from histoclass.models import create_model, model_preprocess
+
+    ckpts = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        model = create_model("test_efficientnet", len(SUBTYPES), pretrained=False)
+        meta = member_meta("test_efficientnet", "test_efficientnet", SUBTYPES,
+                           model_preprocess(model, 32), task="subtype")
+        ckpts.append(save_checkpoint(tmp_path / f"s{seed}.pt", model, meta))
+    files = sorted(sample_path("breakhis").glob("*.png"))
+    frame = predict_paths(load_model_file(ckpts[0]), files).frame
+    probs = [f"p_{s}" for s in SUBTYPES]
+    assert list(frame.columns) == ["path", "patient_id", "magnification", "label", "subtype",
+                                   *probs, "pred"]
+    assert np.allclose(frame[probs].sum(axis=1), 1.0)
+    assert list(frame["pred"]) == [SUBTYPES[i] for i in frame[probs].to_numpy().argmax(1)]
+    mucinous = frame[frame["path"].str.contains("SOB_M_MC")]
+    assert set(mucinous["subtype"]) == {"mucinous_carcinoma"}
+    from histoclass.ensembling import fit_ensemble
+
+    ens_frame = predict_paths(fit_ensemble(ckpts, "soft"), files).frame
+    member_cols = [f"member.test_efficientnet@s{i}.{p}" for i in range(2) for p in probs]
+    assert [c for c in ens_frame.columns if c.startswith("member.")] == member_cols
+    assert ((ens_frame["disagreement"] >= 0) & (ens_frame["disagreement"] <= 1)).all()

@@ -36,10 +36,12 @@ def preset_members(preset: str, runs: str | Path) -> list[Path]:
 
 
 def _names(paths: Sequence[Path], archs: Sequence[str]) -> list[str]:
-    """Members are named by arch; a repeated arch is told apart by its run folder or a count."""
+    """Members are named by arch; a repeated arch gets its run folder (``runs/<run>/best.pt``)
+    or file stem appended."""
     out: list[str] = []
     for p, a in zip(paths, archs, strict=True):
-        name = a if archs.count(a) == 1 else f"{a}@{p.parent.name or p.stem}"
+        where = p.parent.name if p.stem in ("best", "last") else p.stem
+        name = a if archs.count(a) == 1 else f"{a}@{where}"
         while name in out:
             name += "+"
         out.append(name)
