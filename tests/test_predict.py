@@ -199,3 +199,19 @@ def test_subtype_task_has_one_probability_per_class(tmp_path):
     member_cols = [f"member.test_efficientnet@s{i}.{p}" for i in range(2) for p in probs]
     assert [c for c in ens_frame.columns if c.startswith("member.")] == member_cols
     assert ((ens_frame["disagreement"] >= 0) & (ens_frame["disagreement"] <= 1)).all()
+
+
+def test_nothing_readable_is_an_error_and_still_reported(trained, tmp_path):
+    _, ckpt = trained
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "p.csv"
+    res = CliRunner().invoke(app, ["predict", str(ckpt), str(tmp_path / "empty"),
+                                   str(tmp_path / "bad.png"), "--out", str(out),
+                                   "--workers", "0"])
+    assert res.exit_code == 1 and "no input could be predicted" in res.output
+    skipped = pd.read_csv(out.with_name("skipped.csv"))
+    assert dict(zip(skipped["path"], skipped["reason"], strict=True)) == {
+        str(tmp_path / "empty"): "empty folder",
+        str(tmp_path / "bad.png"): "not an image (unrecognised format)",
+    }

@@ -54,6 +54,9 @@ def predict(
         for p, reason in pred.skipped:
             typer.echo(f"  {p}: {reason}")
     frame = pred.frame
+    if frame.empty:
+        typer.secho("error: no input could be predicted", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
     counts = ", ".join(f"{k} {v}" for k, v in frame["pred"].value_counts().sort_index().items())
     extra = f"; refer {int(frame['refer'].sum())}" if "refer" in frame else ""
     typer.echo(f"{len(frame)} image(s) predicted ({counts or 'none'}{extra}); wrote {csv}")
