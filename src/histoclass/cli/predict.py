@@ -99,7 +99,7 @@ def ensemble(
                                           for m, w in zip(ens.members, ens.weights, strict=True))
     if fit.get("rows"):
         detail += (f"; fitted on {fit['rows']} validation image(s) ({fit['fit_rows']} fit / "
-                   f"{fit['stop_rows']} stop, {fit['inner_split']}-grouped)")
+                   f"{fit['stop_rows']} stop, inner split by {fit['inner_split']})")
     typer.echo(f"{method} ensemble of {len(ens.members)} members "
                f"({', '.join(m.name for m in ens.members)}){detail}; wrote {path}")
 
