@@ -1,0 +1,110 @@
+"""``histoclass predict`` and ``histoclass ensemble``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from histoclass.cli._common import user_errors
+
+
+def predict(
+    model: Path = typer.Argument(..., help="Member checkpoint (.pt) or ensemble file."),
+    inputs: list[str] = typer.Argument(None, help="Image files or folders (instead of "
+                                       "--manifest)."),
+    manifest: Path = typer.Option(None, help="Split manifest to predict one split of."),
+    split: str = typer.Option("test", help="Split of --manifest: train, val or test."),
+    fold: int = typer.Option(None, help="Fold of a k-fold manifest."),
+    out: Path = typer.Option(..., "--out", help="Predictions CSV (skipped.csv goes beside it)."),
+    tta: bool = typer.Option(False, "--tta", help="Average the 8 flips/90-degree rotations."),
+    batch_size: int = typer.Option(16, help="Images per forward pass."),
+    workers: int = typer.Option(2, help="Decoding processes."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1..."),
+    refer_threshold: float = typer.Option(
+        None, help="Flag refer=1 above this member disagreement (default: the ensemble's)."),
+) -> None:
+    """Predict images, folders or a manifest split with a checkpoint or an ensemble."""
+    from histoclass.models.checkpoint import CheckpointError
+    from histoclass.models.ensemble import load_model_file
+    from histoclass.predict import (
+        expand_inputs,
+        predict_manifest,
+        predict_paths,
+        resolve_device,
+        write_predictions,
+    )
+
+    with user_errors(CheckpointError):
+        if (manifest is None) == (not inputs):
+            raise ValueError("give either --manifest or image files/folders, not both or neither")
+        ens = load_model_file(model, resolve_device(device))
+        kw = {"tta": tta, "batch_size": batch_size, "workers": workers,
+              "refer_threshold": refer_threshold, "progress": True}
+        if manifest is not None:
+            pred = predict_manifest(ens, manifest, split, fold, **kw)
+        else:
+            info, skipped = expand_inputs(inputs)
+            pred = predict_paths(ens, list(info["path"]), info=info, **kw)
+            pred = pred._replace(skipped=skipped + pred.skipped)
+        csv, skipped_csv = write_predictions(pred, out)
+    if pred.skipped:
+        typer.secho(f"skipped {len(pred.skipped)} input(s) (listed in {skipped_csv}):",
+                    fg=typer.colors.YELLOW)
+        for p, reason in pred.skipped:
+            typer.echo(f"  {p}: {reason}")
+    frame = pred.frame
+    if frame.empty:
+        typer.secho("error: no input could be predicted", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    counts = ", ".join(f"{k} {v}" for k, v in frame["pred"].value_counts().sort_index().items())
+    extra = f"; refer {int(frame['refer'].sum())}" if "refer" in frame else ""
+    typer.echo(f"{len(frame)} image(s) predicted ({counts or 'none'}{extra}); wrote {csv}")
+
+
+def ensemble(
+    members: list[Path] = typer.Argument(None, help="Member checkpoints (or use --preset)."),
+    method: str = typer.Option(..., help="soft | weighted | hard | stack | concat."),
+    manifest: Path = typer.Option(None, help="Split manifest: fitted methods use its "
+                                  "validation split only (never test)."),
+    fold: int = typer.Option(None, help="Fold of a k-fold manifest."),
+    out: Path = typer.Option(..., "--out", help="Ensemble file to write."),
+    preset: str = typer.Option(None, help="v1 (B0-B4), v2 (B0-B3, S) or all: members "
+                               "<runs>/<name>/best.pt."),
+    runs: Path = typer.Option(Path("runs"), help="Folder of training runs (with --preset)."),
+    refer_threshold: float = typer.Option(0.25, help="Disagreement above which an image is "
+                                          "flagged refer=1 (stored in the file)."),
+    seed: int = typer.Option(0, help="Inner fit/stop split of validation and head init."),
+    batch_size: int = typer.Option(16, help="Images per forward pass."),
+    workers: int = typer.Option(2, help="Decoding processes."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda..."),
+) -> None:
+    """Combine member checkpoints into an ensemble file, fitted on validation only."""
+    from histoclass.ensembling import fit_ensemble, preset_members
+    from histoclass.models.checkpoint import CheckpointError
+    from histoclass.predict import resolve_device
+
+    with user_errors(CheckpointError):
+        if preset and members:
+            raise ValueError("give member checkpoints or --preset, not both")
+        paths = preset_members(preset, runs) if preset else list(members or [])
+        ens = fit_ensemble(paths, method, manifest, fold=fold, refer_threshold=refer_threshold,
+                           seed=seed, batch_size=batch_size, workers=workers,
+                           device=resolve_device(device))
+        path = ens.save(out)
+    fit = ens.fit
+    detail = ""
+    if ens.weights is not None:
+        detail = "; weights " + ", ".join(f"{m.name} {w:.3f}"
+                                          for m, w in zip(ens.members, ens.weights, strict=True))
+    if fit.get("rows"):
+        detail += (f"; fitted on {fit['rows']} validation image(s) ({fit['fit_rows']} fit / "
+                   f"{fit['stop_rows']} stop, inner split by {fit['inner_split']})")
+    typer.echo(f"{method} ensemble of {len(ens.members)} members "
+               f"({', '.join(m.name for m in ens.members)}){detail}; wrote {path}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the CLI."""
+    app.command()(predict)
+    app.command()(ensemble)

@@ -1,0 +1,260 @@
+"""Ensembles of member checkpoints, and the one loader for every model file.
+
+Uniform interface (predict, explain, export and serve use only this):
+:func:`load_model_file` reads a member checkpoint *or* an ensemble file and returns an
+:class:`Ensemble`; a lone checkpoint is an ensemble of one with ``method == "single"``. It has
+
+* ``.classes``, ``.task``, ``.method``, ``.is_ensemble``, ``.refer_threshold``;
+* ``.members``: list of :class:`Member` ``(name, model, meta, preprocess, stain)`` (``stain`` is
+  the fitted normaliser or ``None``), models in eval mode;
+* ``.prepare(pil_rgb_image)``: one normalised ``3xHxW`` input per member (stain, resize, normalise
+  with that member's own settings, since members differ in input size);
+* ``.predict_proba(inputs, tta=False)``: ``inputs`` is one batch per member; returns
+  :class:`Output` ``(proba [N,C], pred [N], members [M,N,C], disagreement [N])``;
+* ``.to(device)``.
+
+Rules (``members`` are the members' softmax probabilities):
+``soft`` unweighted mean; ``weighted`` weighted mean (non-negative weights summing to 1, fitted
+on validation); ``hard`` majority vote, ``proba`` is the vote share and a tie is broken by the
+soft average among the tied classes; ``stack`` logistic regression on the members'
+probabilities (``p_malignant`` per member for two classes, every class otherwise); ``concat`` a
+small head on the frozen members' concatenated pooled features (:mod:`histoclass.models.concat`).
+
+Disagreement: ``hard``: share of members voting against the result; otherwise the standard
+deviation of the members' ``p_malignant`` (two classes) or their mean total-variation distance
+from the mean distribution (more classes). ``refer`` flags disagreement above ``refer_threshold``.
+
+Ensemble file: ``torch.save`` of plain types and tensors (read with ``weights_only=True``):
+``format`` ``histoclass-ensemble``, ``version``, ``kind`` ``ensemble``, ``method``, ``classes``,
+``task``, ``members`` (``name``, ``path`` relative to the ensemble file when possible,
+``abs_path``, ``sha256``, ``arch``), ``weights``, ``stack`` (``coef``, ``intercept`` as lists),
+``head`` (state dict) and ``head_config``, ``refer_threshold``, ``fit`` (what it was fitted on).
+A member file that changed or is missing is an error naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from histoclass.data.transforms import Preprocess
+from histoclass.models.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    file_sha256,
+    load_checkpoint,
+    preprocess_of,
+)
+from histoclass.models.concat import ConcatHead, features_and_logits
+from histoclass.models.voting import METHODS, combine, dihedral, disagreement, stack_features
+
+log = logging.getLogger(__name__)
+__all__ = [
+    "DEFAULT_REFER", "METHODS", "Ensemble", "Member", "Output", "combine", "dihedral",
+    "disagreement", "load_member", "load_model_file", "stack_features", "stain_of",
+]
+FORMAT = "histoclass-ensemble"
+VERSION = 1
+DEFAULT_REFER = 0.25
+
+
+class Member(NamedTuple):
+    """One network of an ensemble, with what it needs to read an image."""
+
+    name: str
+    model: nn.Module
+    meta: dict[str, Any]
+    preprocess: Preprocess
+    stain: Any  # a histoclass.stain normaliser (callable on uint8 HxWx3) or None
+
+
+class Output(NamedTuple):
+    """What :meth:`Ensemble.predict_proba` returns for a batch of N images."""
+
+    proba: torch.Tensor  # [N, C]
+    pred: torch.Tensor  # [N] class index
+    members: torch.Tensor  # [M, N, C]
+    disagreement: torch.Tensor  # [N]
+
+
+def stain_of(meta: dict[str, Any], path: str | Path = "") -> Any:
+    """The fitted stain normaliser a checkpoint was trained with, or ``None``."""
+    if not meta.get("stain"):
+        return None
+    try:
+        from histoclass.stain import from_dict
+    except ImportError as exc:
+        raise CheckpointError(
+            f"{path}: trained with stain normalisation ({meta['stain'].get('method', '?')}) but "
+            f"histoclass.stain cannot be imported ({exc})"
+        ) from None
+    return from_dict(meta["stain"])
+
+
+def load_member(path: str | Path, name: str | None = None, device: str = "cpu") -> Member:
+    """A member checkpoint as a :class:`Member` (named after its ``arch`` by default)."""
+    model, meta = load_checkpoint(path, device)
+    return Member(name or meta["arch"], model, meta, preprocess_of(meta), stain_of(meta, path))
+
+
+class Ensemble:
+    """Members plus a rule that combines them (see the module docstring)."""
+
+    def __init__(self, members: Sequence[Member], method: str = "soft", *,
+                 weights: Sequence[float] | None = None, stack: dict[str, Any] | None = None,
+                 head: ConcatHead | None = None, refer_threshold: float = DEFAULT_REFER,
+                 member_paths: Sequence[str | Path] = (), fit: dict[str, Any] | None = None):
+        if method not in (*METHODS, "single"):
+            raise ValueError(f"unknown ensemble method {method!r}; choose one of "
+                             f"{', '.join(METHODS)}")
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        first = members[0]
+        for m in members[1:]:
+            if list(m.meta["classes"]) != list(first.meta["classes"]):
+                raise ValueError(f"member {m.name} has classes {m.meta['classes']} but member "
+                                 f"{first.name} has {first.meta['classes']}; they must agree")
+        needs = {"weighted": weights, "stack": stack, "concat": head}
+        if method in needs and needs[method] is None:
+            raise ValueError(f"method {method!r} needs fitted parameters (use fit_ensemble)")
+        self.members, self.method = list(members), method
+        self.classes: list[str] = list(first.meta["classes"])
+        self.task: str = members[0].meta.get("task", "binary")
+        self.weights = list(weights) if weights is not None else None
+        self.stack, self.head = stack, head
+        self.refer_threshold = float(refer_threshold)
+        self.member_paths = [str(p) for p in member_paths]
+        self.fit = fit or {}
+        self.device = torch.device("cpu")
+
+    @property
+    def is_ensemble(self) -> bool:
+        """False for a lone member checkpoint."""
+        return self.method != "single"
+
+    def to(self, device: str | torch.device) -> Ensemble:
+        """Move every network to ``device``."""
+        self.device = torch.device(device)
+        for m in self.members:
+            m.model.to(self.device)
+        if self.head is not None:
+            self.head.to(self.device)
+        return self
+
+    def prepare(self, img: Any) -> list[torch.Tensor]:
+        """One normalised input per member from an RGB PIL image."""
+        import numpy as np
+        from PIL import Image
+
+        out = []
+        for m in self.members:
+            src = img if m.stain is None else Image.fromarray(m.stain(np.asarray(img)))
+            out.append(m.preprocess.normalize(m.preprocess.resize(src)))
+        return out
+
+    @torch.no_grad()
+    def forward(self, inputs: Sequence[torch.Tensor], features: bool = False
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Members' probabilities ``[M, N, C]`` and (optionally) pooled features."""
+        if len(inputs) != len(self.members):
+            raise ValueError(f"{len(inputs)} inputs for {len(self.members)} members")
+        probs, feats = [], []
+        for m, x in zip(self.members, inputs, strict=True):
+            f, logits = features_and_logits(m.model, x.to(self.device), features)
+            probs.append(logits.float().softmax(-1))
+            feats.append(f)
+        return torch.stack(probs), feats
+
+    @torch.no_grad()
+    def predict_proba(self, inputs: Sequence[torch.Tensor], tta: bool = False) -> Output:
+        """Combine the members on one batch per member; ``tta`` averages the 8 dihedral views."""
+        views = [dihedral(x) for x in inputs] if tta else [[x] for x in inputs]
+        members, head_p = 0.0, 0.0
+        for v in range(len(views[0])):
+            p, feats = self.forward([vs[v] for vs in views], features=self.method == "concat")
+            members = members + p
+            if self.method == "concat":
+                self.head.eval()
+                head_p = head_p + self.head(torch.cat(feats, 1)).float().softmax(-1)
+        members = members / len(views[0])
+        if self.method == "concat":
+            proba = head_p / len(views[0])
+            pred = proba.argmax(-1)
+        else:
+            proba, pred = combine(self.method, members, weights=self.weights, stack=self.stack)
+        return Output(proba, pred, members, disagreement(self.method, members, pred))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the ensemble file (members are referenced by path and sha256, not copied)."""
+        if len(self.member_paths) != len(self.members):
+            raise ValueError("an ensemble is saved with its members' file paths")
+        path = Path(path)
+        entries = []
+        for m, p in zip(self.members, self.member_paths, strict=True):
+            p = Path(p).resolve()
+            try:
+                rel = os.path.relpath(p, path.resolve().parent)
+            except ValueError:  # another drive on Windows
+                rel = str(p)
+            entries.append({"name": m.name, "path": Path(rel).as_posix(), "abs_path": str(p),
+                            "sha256": file_sha256(p), "arch": m.meta.get("arch", "")})
+        from histoclass import __version__
+
+        obj = {
+            "format": FORMAT, "version": VERSION, "kind": "ensemble", "method": self.method,
+            "classes": self.classes, "task": self.task, "members": entries,
+            "weights": self.weights, "stack": self.stack,
+            "head": None if self.head is None else {k: v.detach().cpu().contiguous()
+                                                    for k, v in self.head.state_dict().items()},
+            "head_config": None if self.head is None else self.head.config,
+            "refer_threshold": self.refer_threshold, "fit": self.fit,
+            "histoclass_version": __version__,
+        }
+        return atomic_save(obj, path)
+
+
+def _member_file(path: Path, entry: dict[str, Any]) -> Path:
+    for cand in (path.parent / entry["path"], Path(entry["abs_path"])):
+        if cand.is_file():
+            if file_sha256(cand) != entry["sha256"]:
+                raise CheckpointError(
+                    f"{path}: member {entry['name']} file {cand} has changed since the ensemble "
+                    "was built (sha256 differs); rebuild the ensemble with histoclass ensemble"
+                )
+            return cand
+    raise CheckpointError(f"{path}: member {entry['name']} file {entry['path']} is missing "
+                          f"(looked in {path.parent} and {entry['abs_path']})")
+
+
+def load_model_file(path: str | Path, device: str = "cpu") -> Ensemble:
+    """Load a member checkpoint (as an ensemble of one) or an ensemble file, in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors of many kinds
+        raise CheckpointError(f"{path}: not a readable model file ({exc})") from None
+    if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
+        member = load_member(path, device=device)  # checks the checkpoint format itself
+        return Ensemble([member], "single", member_paths=[path]).to(device)
+    if obj.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path}: ensemble format version {obj['version']} is newer than "
+                              f"this histoclass understands ({VERSION}); upgrade histoclass")
+    files = [_member_file(path, e) for e in obj["members"]]
+    members = [load_member(f, e["name"], device) for f, e in zip(files, obj["members"],
+                                                                   strict=True)]
+    head = None
+    if obj.get("head") is not None:
+        head = ConcatHead(**obj["head_config"])
+        head.load_state_dict(obj["head"])
+        head.eval()
+    return Ensemble(members, obj["method"], weights=obj.get("weights"), stack=obj.get("stack"),
+                    head=head, refer_threshold=obj.get("refer_threshold", DEFAULT_REFER),
+                    member_paths=files, fit=obj.get("fit")).to(device)

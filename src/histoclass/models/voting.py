@@ -1,0 +1,66 @@
+"""Voting rules on members' probabilities, member disagreement, and the 8 TTA views.
+
+Pure tensor functions (see :mod:`histoclass.models.ensemble` for what each rule means).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+METHODS = ("soft", "weighted", "hard", "stack", "concat")
+
+
+def combine(method: str, members: torch.Tensor, *, weights: Sequence[float] | None = None,
+            stack: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply a voting rule to members' probabilities ``[M, N, C]``; returns ``(proba, pred)``."""
+    soft = members.mean(0)
+    if method in ("soft", "single"):
+        proba = soft
+    elif method == "weighted":
+        w = torch.as_tensor(weights, dtype=members.dtype, device=members.device)
+        proba = torch.einsum("m,mnc->nc", w, members)
+    elif method == "hard":
+        votes = nn.functional.one_hot(members.argmax(-1), members.shape[-1]).sum(0)
+        proba = votes.to(members.dtype) / members.shape[0]
+        tied = votes == votes.max(-1, keepdim=True).values
+        return proba, soft.masked_fill(~tied, -1.0).argmax(-1)  # tie: best soft average
+    elif method == "stack":
+        x = stack_features(members)
+        coef = torch.as_tensor(stack["coef"], dtype=x.dtype, device=x.device)
+        z = x @ coef.T + torch.as_tensor(stack["intercept"], dtype=x.dtype, device=x.device)
+        if z.shape[1] == 1:  # sklearn's binary model: one logit for the second class
+            p1 = torch.sigmoid(z[:, 0])
+            proba = torch.stack([1 - p1, p1], 1)
+        else:
+            proba = z.softmax(-1)
+    else:
+        raise ValueError(f"unknown ensemble method {method!r}; choose one of {', '.join(METHODS)}")
+    return proba, proba.argmax(-1)
+
+
+def stack_features(members: torch.Tensor) -> torch.Tensor:
+    """Stacking inputs ``[N, F]``: each member's ``p_<class 1>`` (2 classes) or all classes."""
+    if members.shape[-1] == 2:
+        return members[:, :, 1].T.contiguous()
+    return members.permute(1, 0, 2).reshape(members.shape[1], -1)
+
+
+def disagreement(method: str, members: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Per-image member disagreement (see the module docstring)."""
+    if members.shape[0] == 1:
+        return torch.zeros(members.shape[1], dtype=members.dtype, device=members.device)
+    if method == "hard":
+        return (members.argmax(-1) != pred).to(members.dtype).mean(0)
+    if members.shape[-1] == 2:
+        return members[:, :, 1].std(0, correction=0)
+    return 0.5 * (members - members.mean(0)).abs().sum(-1).mean(0)
+
+
+def dihedral(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips/90-degree rotations of a ``[N, 3, H, W]`` batch."""
+    views = [torch.rot90(x, k, (2, 3)) for k in range(4)]
+    return views + [v.flip(3) for v in views]
