@@ -19,6 +19,7 @@ from histoclass.models import CheckpointError
 from histoclass.models.concat import ConcatHead
 from histoclass.models.ensemble import Ensemble, disagreement, load_model_file
 from histoclass.models.ensemble_fit import fit_weights, inner_split
+from histoclass.models.voting import HARD_EPS
 from histoclass.predict import predict_manifest, predict_paths
 
 torch.set_num_threads(1)
@@ -52,8 +53,13 @@ def test_weighted_vote_uses_the_weights():
 
 def test_hard_vote_majority_and_vote_share():
     out = _run("hard", A, B, C)
-    # votes for malignant: row0 a,c; row1 a; row2 none
-    torch.testing.assert_close(out.proba[:, 1], torch.tensor([2 / 3, 1 / 3, 0.0]))
+    # votes for malignant: row0 a,c; row1 a; row2 none. The score is the vote share with the
+    # soft average folded in at weight e: (votes + e * soft) / (3 + e).
+    e = HARD_EPS
+    soft = [(0.9 + 0.3 + 0.8) / 3, (0.6 + 0.2 + 0.3) / 3, (0.2 + 0.4 + 0.1) / 3]
+    expected = [(v + e * s) / (3 + e) for v, s in zip([2, 1, 0], soft, strict=True)]
+    torch.testing.assert_close(out.proba[:, 1], torch.tensor(expected))
+    torch.testing.assert_close(out.proba.sum(1), torch.ones(3))
     assert out.pred.tolist() == [1, 0, 0]
     torch.testing.assert_close(out.disagreement, torch.tensor([1 / 3, 1 / 3, 0.0]))
 
@@ -61,15 +67,21 @@ def test_hard_vote_majority_and_vote_share():
 def test_hard_vote_tie_is_broken_by_the_soft_average():
     # Both rows are 1:1 ties; soft averages 0.6 (malignant) and 0.35 (benign).
     out = _run("hard", [0.9, 0.6], [0.3, 0.1])
-    assert out.proba[:, 1].tolist() == [0.5, 0.5]
+    e = HARD_EPS
+    torch.testing.assert_close(out.proba[:, 1], torch.tensor([(1 + e * 0.6) / (2 + e),
+                                                              (1 + e * 0.35) / (2 + e)]))
     assert out.pred.tolist() == [1, 0]
+    assert ((out.proba[:, 1] >= 0.5).long() == out.pred).all()  # thresholding agrees with pred
     # Three classes, three members, three different votes: the best soft average wins.
     ms = [fixed_member(n, [p], classes=("x", "y", "z")) for n, p in
           (("a", [0.5, 0.3, 0.2]), ("b", [0.1, 0.6, 0.3]), ("c", [0.3, 0.3, 0.4]))]
     out3 = Ensemble(ms, "hard").predict_proba([index_batch(1)] * 3)
     # soft: x 0.3, y 0.4, z 0.3 -> y
     assert out3.pred.tolist() == [1]
-    torch.testing.assert_close(out3.proba, torch.full((1, 3), 1 / 3))
+    e = HARD_EPS
+    torch.testing.assert_close(out3.proba, torch.tensor([[(1 + e * 0.3) / (3 + e),
+                                                          (1 + e * 0.4) / (3 + e),
+                                                          (1 + e * 0.3) / (3 + e)]]))
 
 
 def test_stack_applies_the_stored_logistic_regression():

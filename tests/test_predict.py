@@ -213,5 +213,5 @@ def test_nothing_readable_is_an_error_and_still_reported(trained, tmp_path):
     skipped = pd.read_csv(out.with_name("skipped.csv"))
     assert dict(zip(skipped["path"], skipped["reason"], strict=True)) == {
         str(tmp_path / "empty"): "empty folder",
-        str(tmp_path / "bad.png"): "not an image (unrecognised format)",
+        str(tmp_path / "bad.png"): "corrupt or truncated image (PNG header, undecodable data)",
     }

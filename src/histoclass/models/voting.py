@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 METHODS = ("soft", "weighted", "hard", "stack", "concat")
+HARD_EPS = 1e-3
 
 
 def combine(method: str, members: torch.Tensor, *, weights: Sequence[float] | None = None,
@@ -25,9 +26,14 @@ def combine(method: str, members: torch.Tensor, *, weights: Sequence[float] | No
         proba = torch.einsum("m,mnc->nc", w, members)
     elif method == "hard":
         votes = nn.functional.one_hot(members.argmax(-1), members.shape[-1]).sum(0)
-        proba = votes.to(members.dtype) / members.shape[0]
         tied = votes == votes.max(-1, keepdim=True).values
-        return proba, soft.masked_fill(~tied, -1.0).argmax(-1)  # tie: best soft average
+        pred = soft.masked_fill(~tied, -1.0).argmax(-1)  # tie: best soft average
+        # The vote share, with the soft average folded in at weight HARD_EPS (< one vote), is
+        # still a distribution, orders images by votes first, and puts a tie on the side the
+        # tie-break chose: thresholding it at 0.5 agrees with ``pred``, so evaluation and AUC
+        # need no special case for voting.
+        proba = (votes.to(members.dtype) + HARD_EPS * soft) / (members.shape[0] + HARD_EPS)
+        return proba, pred
     elif method == "stack":
         x = stack_features(members)
         coef = torch.as_tensor(stack["coef"], dtype=x.dtype, device=x.device)
