@@ -325,3 +325,30 @@ def test_cli_manifest_split_and_caller_grads_kept(checkpoints, trained, tmp_path
         assert torch.equal(model.classifier.weight.grad, torch.ones_like(model.classifier.weight))
     finally:
         model.classifier.weight.grad = None
+
+
+def test_cli_explains_an_ensemble_file_weighted_like_the_ensemble(checkpoints, tmp_path):
+    from typer.testing import CliRunner
+
+    from histoclass.cli import app
+    from histoclass.explain_ensemble import ensemble_members
+    from histoclass.models.ensemble import Ensemble, load_member, load_model_file
+
+    members = [load_member(p) for p in checkpoints]
+    path = Ensemble(members, "weighted", weights=[0.25, 0.75],
+                    member_paths=checkpoints).save(tmp_path / "ens.pt")
+    ens = load_model_file(path)
+    explained, fuse = ensemble_members(ens)
+    assert [m.weight for m in explained] == [0.25, 0.75]
+    image = blob_image(np.random.default_rng(5), True)[0]
+    inputs = [x.unsqueeze(0) for x in ens.prepare(Image.fromarray(image))]
+    np.testing.assert_allclose(fuse(image), ens.predict_proba(inputs).proba[0].numpy())
+
+    Image.fromarray(image).save(tmp_path / "one.png")
+    res = CliRunner().invoke(app, ["explain", str(path), str(tmp_path / "one.png"),
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "o" / "one.overlay.png").is_file()
+    both = CliRunner().invoke(app, ["explain", str(path), checkpoints[0],
+                                    str(tmp_path / "one.png"), "--out", str(tmp_path / "x")])
+    assert both.exit_code == 2 and "is an ensemble file: explain it alone" in both.output

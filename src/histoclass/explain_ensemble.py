@@ -99,3 +99,38 @@ def stain_of(meta: dict[str, Any], where: str = "checkpoint") -> Any:
             f"available ({exc}); install a histoclass with stain support"
         ) from None
     return from_dict(meta["stain"])
+
+
+def ensemble_members(ens: Any) -> tuple[list[Member], Any]:
+    """Members of a :class:`histoclass.models.ensemble.Ensemble`, weighted like it, and a
+    function giving its fused probabilities for one ``HxWx3`` uint8 image.
+
+    Weights: ``weighted`` uses its fitted weights; ``stack`` the positive part of each member's
+    logistic-regression coefficient on the malignant probability (its influence on the fused
+    score; binary task only, else equal); ``soft``, ``hard`` and ``concat`` weight members
+    equally (a vote and the concat head's learned mixing have no per-member weight, so the
+    fused map is the members' mean, while the probability shown is the ensemble's own).
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    n = len(ens.members)
+    weights = [1.0] * n
+    if ens.method == "weighted" and ens.weights:
+        weights = [float(w) for w in ens.weights]
+    elif ens.method == "stack" and ens.stack:
+        coef = np.asarray(ens.stack["coef"], dtype=float)
+        if coef.shape == (1, n):  # binary: one coefficient per member's P(malignant)
+            weights = [max(float(c), 0.0) for c in coef[0]]
+        if sum(weights) <= 0:
+            weights = [1.0] * n
+    members = [Member(m.name, m.model, m.preprocess, w, m.stain)
+               for m, w in zip(ens.members, weights, strict=True)]
+
+    def fuse(image: np.ndarray) -> np.ndarray:
+        inputs = [x.unsqueeze(0) for x in ens.prepare(Image.fromarray(image))]
+        with torch.no_grad():
+            return ens.predict_proba(inputs).proba[0].cpu().numpy()
+
+    return members, fuse

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import html
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from histoclass.explain import METHODS, Member, class_index, explain_image, find_target_layer
 from histoclass.explain_ensemble import explain_ensemble
@@ -38,13 +41,14 @@ def _unique(stem: str, used: set[str]) -> str:
 
 def explain_batch(members: list[Member], classes: list[str], items: list[tuple[str, str]],
                   out: str | Path, *, method: str = "gradcam", target: str = "predicted",
-                  layer: str | None = None, alpha: float = 0.4, progress: bool = False
-                  ) -> BatchResult:
+                  layer: str | None = None, alpha: float = 0.4, progress: bool = False,
+                  fuse: Callable[[np.ndarray], np.ndarray] | None = None) -> BatchResult:
     """Explain every image of ``items`` (``(path, true label or "")``) and write a gallery.
 
     One member gives the three-panel figure; several give the ensemble grid and the fused
     overlay. Writes ``<name>.png`` (figure), ``<name>.overlay.png`` (full resolution),
-    ``explanations.csv`` and ``index.html`` under ``out``.
+    ``explanations.csv`` and ``index.html`` under ``out``. ``fuse`` gives an ensemble's own
+    probabilities for an image (default: the weighted mean of the members', soft voting).
     """
     import pandas as pd
 
@@ -86,7 +90,7 @@ def explain_batch(members: list[Member], classes: list[str], items: list[tuple[s
                 cam, probs, pred = e.cam, e.probs, e.pred
             else:
                 ens = explain_ensemble(members, image, classes, method=method, target=target,
-                                       layer=layer)
+                                       layer=layer, fused_probs=fuse(image) if fuse else None)
                 fig = ensemble_figure(image, ens, title, alpha)
                 cam, probs, pred = ens.cam, ens.probs, ens.pred
         except ValueError as exc:  # e.g. a stain normaliser refusing a blank image

@@ -71,7 +71,6 @@ def _items(images: list[str], manifest: Path | None, split: str,
 def _members(models: list[str], weights: str | None):
     """Member checkpoints as explain.Member tuples, with their shared class names."""
     from histoclass.explain_ensemble import load_member
-    from histoclass.models.checkpoint import read_checkpoint
 
     ws = [1.0] * len(models)
     if weights:
@@ -81,20 +80,35 @@ def _members(models: list[str], weights: str | None):
                              "model(s); give one weight per checkpoint")
     members, classes = [], None
     for path, w in zip(models, ws, strict=True):
-        kind = read_checkpoint(path)["meta"].get("kind")
-        if kind != "member":
-            # Ensemble files: wire histoclass.models.ensemble's members and fused probabilities
-            # to explain_ensemble here once that module exists.
-            raise ValueError(f"{path}: a {kind!r} checkpoint, which explain does not read yet; "
-                             "pass its member checkpoints instead (several make a soft ensemble,"
-                             " weighted with --ensemble-weights)")
+        if _is_ensemble(path):
+            if len(models) > 1:
+                raise ValueError(f"{path} is an ensemble file: explain it alone, not with "
+                                 f"other checkpoints ({', '.join(models)})")
+            from histoclass.explain_ensemble import ensemble_members
+            from histoclass.models.ensemble import load_model_file
+
+            ens = load_model_file(path)
+            members, fuse = ensemble_members(ens)
+            return members, list(ens.classes), fuse
         member, meta = load_member(path, w)
         if classes is not None and meta["classes"] != classes:
             raise ValueError(f"{path}: classes {meta['classes']} differ from {classes} of "
                              f"{models[0]}; ensemble members must share classes")
         classes = meta["classes"]
         members.append(member)
-    return members, classes
+    return members, classes, None
+
+
+def _is_ensemble(path: str) -> bool:
+    import torch
+
+    from histoclass.models.ensemble import FORMAT
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file: load_member below names the problem
+        return False
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
 def explain(
@@ -134,7 +148,7 @@ def explain(
 
     with user_errors(ImageLoadError):
         models, images = _split_inputs(inputs)
-        members, classes = _members(models, ensemble_weights)
+        members, classes, fuse = _members(models, ensemble_weights)
         items = _items(images, manifest, split, classes)
         if score:
             _score(members, classes, items, methods, klass, layer, steps, road)
@@ -145,7 +159,7 @@ def explain(
 
         logging.getLogger("histoclass").setLevel(logging.INFO)
         result = explain_batch(members, classes, items, out, method=method, target=klass,
-                               layer=layer, alpha=alpha, progress=len(items) > 1)
+                               layer=layer, alpha=alpha, progress=len(items) > 1, fuse=fuse)
     for name, why in result.skipped:
         typer.secho(f"skipped {name}: {why}", fg=typer.colors.YELLOW)
     wrong = sum(r["correct"] == "no" for r in result.rows)
