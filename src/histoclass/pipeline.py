@@ -94,7 +94,8 @@ def make_manifest(cfg: RunConfig) -> Path:
 
 def train_members(cfg: RunConfig, manifest: Path, fold: int | None, base: Path) -> list[Path]:
     """Train (or skip when finished) every member of one fold; returns their best.pt files."""
-    from histoclass.train import TrainConfig, finished, train
+    from histoclass.train import TrainConfig, train
+    from histoclass.train_all import finished
 
     paths = []
     for name, settings in member_specs(cfg):
@@ -120,7 +121,7 @@ def build_ensembles(cfg: RunConfig, manifest: Path, fold: int | None, base: Path
     for spec in cfg.ensembles:
         spec = dict(spec)
         name, method = spec.pop("name"), spec.pop("method")
-        chosen = spec.pop("members", "all")
+        chosen = spec.pop("members", list(by_name))  # default: every member of this run
         names = families[chosen] if isinstance(chosen, str) and chosen in families else chosen
         names = [n for n in names if n in by_name]
         path = base / "ensembles" / f"{name}.pt"
