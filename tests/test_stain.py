@@ -121,9 +121,9 @@ def test_load_reports_bad_files(tmp_path):
 def test_reinhard_pools_several_targets(he):
     a, b = he[0], he[1]  # same size, so the pooled mean is the mean of the two means
     pooled = stain.fit("reinhard", [a, b])
-    means = (rgb_to_lab(a).mean(0, dtype=np.float64) + rgb_to_lab(b).mean(0, dtype=np.float64))
+    means = (rgb_to_lab(a).mean(1, dtype=np.float64) + rgb_to_lab(b).mean(1, dtype=np.float64))
     np.testing.assert_allclose(pooled.means, means / 2, rtol=1e-5)
-    out = rgb_to_lab(pooled(he[4])).mean(0)
+    out = rgb_to_lab(pooled(he[4])).mean(1)
     np.testing.assert_allclose(out, pooled.means, atol=1.0)  # the output takes the target mean
 
 

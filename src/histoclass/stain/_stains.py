@@ -15,10 +15,26 @@ from __future__ import annotations
 import numpy as np
 
 from histoclass.stain._base import Normalizer, as_floats
-from histoclass.stain._optical import od_to_rgb, rgb_to_od
+from histoclass.stain._optical import OD_LUT, channel_sum, rgb_to_od
 
 PERCENTILE = 99.0  # concentration percentile matched between source and target (StainTools)
 _MAX_COSINE = 0.995  # H and E vectors closer than this are one colour: separation is garbage
+
+
+def _solve(b0: np.ndarray, b1: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Closed-form solution from ``b_k = s_k . x - lam``; ``(2, N)`` float32 (b is reused)."""
+    g00, g01, g11 = (np.float32(v) for v in (gram[0, 0], gram[0, 1], gram[1, 1]))
+    det = g00 * g11 - g01 * g01
+    c0 = (g11 * b0 - g01 * b1) / det
+    c1 = (g00 * b1 - g01 * b0) / det
+    bad = (c0 < 0) | (c1 < 0)
+    if bad.any():
+        # One-stain fallbacks: 0.5*g*c^2 - b*c is smallest at c = b+/g, with value -b+^2/(2g).
+        p0, p1 = np.maximum(b0[bad], 0), np.maximum(b1[bad], 0)
+        only0 = p0 * p0 * g11 >= p1 * p1 * g00
+        c0[bad] = np.where(only0, p0 / g00, 0)
+        c1[bad] = np.where(only0, 0, p1 / g11)
+    return np.stack([c0, c1])
 
 
 def concentrations(od: np.ndarray, stains: np.ndarray, lam: float) -> np.ndarray:
@@ -29,21 +45,27 @@ def concentrations(od: np.ndarray, stains: np.ndarray, lam: float) -> np.ndarray
         stains: ``(2, 3)`` stain matrix, one stain per row.
         lam: L1 penalty (0 for non-negative least squares).
     """
-    s = stains.astype(np.float64)
-    g = s @ s.T
-    det = g[0, 0] * g[1, 1] - g[0, 1] ** 2
-    b = od @ s.T.astype(np.float32) - np.float32(lam)
-    b0, b1 = b[:, 0], b[:, 1]
-    c0 = (g[1, 1] * b0 - g[0, 1] * b1) / det
-    c1 = (g[0, 0] * b1 - g[0, 1] * b0) / det
-    free = (c0 >= 0) & (c1 >= 0)
-    # One-stain fallbacks: objective 0.5*g*c^2 - b*c at its clipped minimum is -b+^2 / (2g).
-    p0, p1 = np.maximum(b0, 0), np.maximum(b1, 0)
-    only0 = p0 * p0 / g[0, 0] >= p1 * p1 / g[1, 1]
-    out = np.empty_like(b)
-    out[:, 0] = np.where(free, c0, np.where(only0, p0 / g[0, 0], 0))
-    out[:, 1] = np.where(free, c1, np.where(only0, 0, p1 / g[1, 1]))
-    return out
+    b = od.astype(np.float32) @ stains.T.astype(np.float32) - np.float32(lam)
+    return _solve(b[:, 0].copy(), b[:, 1].copy(), stains @ stains.T).T
+
+
+def image_concentrations(img: np.ndarray, stains: np.ndarray, lam: float) -> np.ndarray:
+    """:func:`concentrations` of every pixel of a uint8 image, ``(2, N)``; the projections
+    ``s_k . OD(pixel)`` come from per-channel tables, so no OD image is ever built."""
+    luts = (stains[:, :, None] * OD_LUT[None, None, :]).astype(np.float32)
+    b0 = channel_sum(img, luts[0]) - np.float32(lam)
+    b1 = channel_sum(img, luts[1]) - np.float32(lam)
+    return _solve(b0, b1, stains @ stains.T)
+
+
+def stains_to_rgb(conc: np.ndarray, stains: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """uint8 image of ``(2, N)`` concentrations of ``stains``, truncated like StainTools."""
+    od = np.multiply.outer(conc[0], stains[0].astype(np.float32))
+    od += np.multiply.outer(conc[1], stains[1].astype(np.float32))
+    np.negative(od, out=od)
+    np.exp(od, out=od)
+    od *= 255.0
+    return np.clip(od, 0, 255, out=od).astype(np.uint8).reshape(shape)
 
 
 def order_and_normalise(stains: np.ndarray) -> np.ndarray:
@@ -66,39 +88,52 @@ class StainNormalizer(Normalizer):
     """Shared fit/transform for stain-separation methods; subclasses estimate the matrix."""
 
     lam: float = 0.0  # L1 penalty on concentrations
+    sample_pixels: int = 0  # learn the stain matrix from this many tissue pixels (0: all)
 
     def __init__(self, luminosity_threshold: float = 0.8, min_tissue: float = 0.05) -> None:
         super().__init__(luminosity_threshold, min_tissue)
         self.stain_matrix = np.zeros((2, 3))
         self.max_concentrations = np.zeros(2)
 
-    def stain_matrix_of(self, od_tissue: np.ndarray) -> np.ndarray:
-        """``(2, 3)`` unit-row stain matrix (H first) from tissue optical densities."""
+    def _estimate(self, od_tissue: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def _sample(self, n: int) -> np.ndarray | None:
+        """Indices of the tissue pixels to learn from (fixed seed), or ``None`` for all."""
+        if not self.sample_pixels or n <= self.sample_pixels:
+            return None
+        return np.random.default_rng(0).integers(0, n, self.sample_pixels)
+
+    def stain_matrix_of(self, od_tissue: np.ndarray) -> np.ndarray:
+        """``(2, 3)`` unit-row stain matrix (H first) from ``(N, 3)`` tissue optical densities."""
+        pick = self._sample(len(od_tissue))
+        return self._estimate(od_tissue if pick is None else od_tissue[pick])
+
     def _fit(self, images: list[np.ndarray], masks: list[np.ndarray]) -> None:
-        ods = [rgb_to_od(img) for img in images]
-        tissue = np.concatenate([od[m] for od, m in zip(ods, masks, strict=True)])
+        tissue = np.concatenate([rgb_to_od(img)[m] for img, m in zip(images, masks, strict=True)])
         stains = self.stain_matrix_of(tissue)
         reason = degenerate(stains)
         if reason:
             raise ValueError(f"cannot fit {self.method} to the target image(s): {reason}")
-        conc = np.concatenate([concentrations(od, stains, self.lam) for od in ods])
+        conc = np.concatenate([image_concentrations(img, stains, self.lam) for img in images], 1)
         self.stain_matrix = stains
-        self.max_concentrations = np.percentile(conc, PERCENTILE, axis=0).astype(np.float64)
+        self.max_concentrations = np.percentile(conc, PERCENTILE, axis=1).astype(np.float64)
 
     def _transform(self, img: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, str | None]:
-        od = rgb_to_od(img)
-        stains = self.stain_matrix_of(od[mask])
+        # Only the sampled tissue pixels are converted to OD: same pixels as stain_matrix_of.
+        tissue = np.flatnonzero(mask)
+        pick = self._sample(len(tissue))
+        stains = self._estimate(rgb_to_od(img.reshape(-1, 3)[
+            tissue if pick is None else tissue[pick]]))
         reason = degenerate(stains)
         if reason:
             return img, reason
-        conc = concentrations(od, stains, self.lam)
-        max_c = np.percentile(conc, PERCENTILE, axis=0)
+        conc = image_concentrations(img, stains, self.lam)
+        max_c = np.percentile(conc, PERCENTILE, axis=1)
         if np.any(max_c <= 1e-3):
             return img, f"a stain is absent (99th-percentile concentrations {max_c.round(4)})"
-        conc *= (self.max_concentrations / max_c).astype(np.float32)
-        return od_to_rgb(conc @ self.stain_matrix.astype(np.float32), img.shape), None
+        conc *= (self.max_concentrations / max_c).astype(np.float32)[:, None]
+        return stains_to_rgb(conc, self.stain_matrix, img.shape), None
 
     def _params(self) -> dict:
         return {

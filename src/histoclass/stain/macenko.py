@@ -33,7 +33,7 @@ class MacenkoNormalizer(StainNormalizer):
         self.angular_percentile = float(angular_percentile)
         self.lam = float(lam)
 
-    def stain_matrix_of(self, od_tissue: np.ndarray) -> np.ndarray:
+    def _estimate(self, od_tissue: np.ndarray) -> np.ndarray:
         """Extreme-angle stain vectors in the principal plane of ``od_tissue``."""
         od = od_tissue.astype(np.float64)
         _, vecs = np.linalg.eigh(np.cov(od, rowvar=False))

@@ -25,19 +25,21 @@ class ReinhardNormalizer(Normalizer):
         self.stds = np.ones(3)
 
     def _fit(self, images: list[np.ndarray], masks: list[np.ndarray]) -> None:
-        lab = np.concatenate([rgb_to_lab(img) for img in images]).astype(np.float64)
-        self.means, self.stds = lab.mean(axis=0), lab.std(axis=0)
+        lab = np.concatenate([rgb_to_lab(img) for img in images], axis=1).astype(np.float64)
+        self.means, self.stds = lab.mean(axis=1), lab.std(axis=1)
         if np.any(self.stds < _MIN_STD):
             raise ValueError(f"cannot fit reinhard: target Lab spread {self.stds} is flat")
 
     def _transform(self, img: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, str | None]:
         lab = rgb_to_lab(img)
-        means, stds = lab.mean(axis=0, dtype=np.float64), lab.std(axis=0, dtype=np.float64)
+        means, stds = lab.mean(axis=1, dtype=np.float64), lab.std(axis=1, dtype=np.float64)
         if np.any(stds < _MIN_STD):
             return img, f"flat colour (Lab spread {stds.round(4)})"
-        scale = (self.stds / stds).astype(np.float32)
-        shift = (self.means - means * self.stds / stds).astype(np.float32)
-        return lab_to_rgb(lab * scale + shift, img.shape), None
+        scale = (self.stds / stds).astype(np.float32)[:, None]
+        shift = (self.means - means * self.stds / stds).astype(np.float32)[:, None]
+        lab *= scale
+        lab += shift
+        return lab_to_rgb(lab, img.shape), None
 
     def _params(self) -> dict:
         return {"means": as_floats(self.means), "stds": as_floats(self.stds)}

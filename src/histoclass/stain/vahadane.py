@@ -38,10 +38,12 @@ def learn_stains(
         init: Starting stains, one per row.
     """
     stains = np.array(init, dtype=np.float64)
+    od = np.asarray(od, dtype=np.float32)
+    od_t = od.T.astype(np.float64)  # (3, N), converted once, not per iteration
     for _ in range(max_iter):
-        codes = concentrations(od, stains, lam).astype(np.float64)
-        gram = codes.T @ codes  # (2, 2)
-        cross = od.T.astype(np.float64) @ codes  # (3, 2)
+        codes = concentrations(od, stains, lam).T.astype(np.float64)  # (2, N)
+        gram = codes @ codes.T  # (2, 2)
+        cross = od_t @ codes.T  # (3, 2)
         before = stains.copy()
         for k in range(2):
             if gram[k, k] < 1e-12:  # an unused atom keeps its place rather than dividing by 0
@@ -69,18 +71,14 @@ class VahadaneNormalizer(StainNormalizer):
 
     def __init__(
         self, luminosity_threshold: float = 0.8, min_tissue: float = 0.05,
-        sample_pixels: int = 20_000, dictionary_lam: float = 0.1, lam: float = 0.01,
+        sample_pixels: int = 10_000, dictionary_lam: float = 0.1, lam: float = 0.01,
     ) -> None:
         super().__init__(luminosity_threshold, min_tissue)
         self.sample_pixels = int(sample_pixels)
         self.dictionary_lam = float(dictionary_lam)
         self.lam = float(lam)
 
-    def stain_matrix_of(self, od_tissue: np.ndarray) -> np.ndarray:
-        """Learn the stain matrix on a seeded subsample (same pixels give the same matrix)."""
-        if len(od_tissue) > self.sample_pixels:
-            rng = np.random.default_rng(0)
-            od_tissue = od_tissue[rng.integers(0, len(od_tissue), self.sample_pixels)]
+    def _estimate(self, od_tissue: np.ndarray) -> np.ndarray:
         return learn_stains(od_tissue, self.dictionary_lam)
 
     def _params(self) -> dict:
