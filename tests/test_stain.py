@@ -99,6 +99,10 @@ def test_fit_rejects_blank_target_and_unknown_method(he):
         stain.fit("ruifrok", he[0])
     with pytest.raises(ValueError, match="unknown stain method 'nope'"):
         stain.from_dict({"method": "nope"})
+    broken = stain.fit("reinhard", he[0]).to_dict()
+    del broken["stds"]
+    with pytest.raises(ValueError, match="reinhard stain target is missing field 'stds'"):
+        stain.from_dict(broken)
 
 
 def test_bad_arrays_are_named(fitted):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -70,9 +71,11 @@ def test_manifest_input_keeps_its_columns_and_json_target_reproduces(data, tmp_p
     table.to_csv(data / "m.csv", index=False)
     target = files[0]
     first, second = tmp_path / "a", tmp_path / "b"
+    level = logging.getLogger("histoclass.stain").level
     res = _run(str(data / "m.csv"), "--method", "macenko", "--target", str(target),
                "--out", str(first), "--workers", "1")
     assert res.exit_code == 0, res.output
+    assert logging.getLogger("histoclass.stain").level == level  # in-process run restores it
     out = pd.read_csv(first / "manifest.csv", dtype=str)
     assert list(out.columns) == ["path", "source_path", "label", "patient_id", "split", "extra"]
     assert list(out["extra"]) == list(table["extra"]) and list(out["split"]) == list(table["split"])

@@ -149,8 +149,8 @@ def from_dict(d: dict) -> Normalizer:
         raise ValueError(f"unknown stain method {method!r}; choose one of {', '.join(_REGISTRY)}")
     if d.get("format") != FORMAT:
         raise ValueError(f"unsupported stain target format {d.get('format')!r}; expected {FORMAT}")
-    obj = _REGISTRY[method](float(d["luminosity_threshold"]), float(d["min_tissue"]))
     try:
+        obj = _REGISTRY[method](float(d["luminosity_threshold"]), float(d["min_tissue"]))
         obj._from_params(d)
     except KeyError as exc:
         raise ValueError(f"{method} stain target is missing field {exc.args[0]!r}") from None

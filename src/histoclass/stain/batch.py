@@ -55,6 +55,10 @@ def _init_worker(normalizer: Normalizer) -> None:
     _NORMALIZER = normalizer
     # The parent reports pass-throughs once, by name; workers stay quiet about them.
     logging.getLogger("histoclass.stain").setLevel(logging.ERROR)
+    # One process per core already: BLAS threads on top would only oversubscribe the cores.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
 
 
 def _one(job: tuple[str, str]) -> tuple[str, str, str | None]:
@@ -128,9 +132,16 @@ def normalize_dataset(
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(normalizer,)) as pool:
             results = list(tqdm(pool.map(_one, jobs, chunksize=4), total=len(jobs),
                                 disable=not progress, desc="stain"))
-    else:
-        _init_worker(normalizer)
-        results = [_one(j) for j in tqdm(jobs, disable=not progress, desc="stain")]
+    else:  # in this process: same quiet logger, restored afterwards; BLAS threads untouched
+        global _NORMALIZER
+        _NORMALIZER = normalizer
+        quiet = logging.getLogger("histoclass.stain")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            results = [_one(j) for j in tqdm(jobs, disable=not progress, desc="stain")]
+        finally:
+            quiet.setLevel(level)
 
     skipped = list(scanned.skipped)
     unchanged, ok = [], []
