@@ -98,3 +98,7 @@ def test_stain_refuses_bad_options(data, tmp_path):
     res = _run(str(data), "--target", str(data / "benign" / "corrupt.png"), "--out",
                str(tmp_path / "o"))
     assert res.exit_code == 2 and "corrupt.png" in res.output
+    res = _run(str(data), "--target", target, "--target", str(data / "malignant" / "blank.png"),
+               "--out", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "target image 1 has 0.0% tissue" in res.output
+    assert "blank.png" in res.output

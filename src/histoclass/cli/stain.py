@@ -42,7 +42,12 @@ def stain(
             if normalizer.method != method.lower():
                 raise ValueError(f"{target[0]} holds a {normalizer.method} target, not {method}")
         else:
-            normalizer = st.fit(method, [to_array(load_rgb(t)) for t in target])
+            images = [to_array(load_rgb(t)) for t in target]
+            try:
+                normalizer = st.fit(method, images)
+            except ValueError as exc:  # "target image <i>" means little to a user: name files
+                names = ", ".join(map(str, target))
+                raise ValueError(f"{exc} (targets, from 0: {names})") from None
         result = normalize_dataset(data, normalizer, out, workers=workers, progress=True)
     if result.skipped:
         skipped = pd.DataFrame(result.skipped, columns=["path", "reason"])
