@@ -65,6 +65,69 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def speed(method: str, target: np.ndarray, images: list[np.ndarray]):
+    """Fit both on ``target`` and time transforms image by image, alternating."""
+    t_fit, ours = timed(stain.fit, method, target)
+    ref = staintools_normalizer(method)
+    t_fit_ref = timed(ref.fit, target.copy())[0] if ref else float("nan")
+    t_ours, t_ref = [], []
+    for img in images:
+        t_ours.append(timed(ours, img)[0])
+        if ref:  # StainTools writes into its input (zeros become ones): give it a copy
+            t_ref.append(timed(ref.transform, img.copy())[0])
+    mo, mr = float(np.mean(t_ours)), float(np.mean(t_ref)) if ref else float("nan")
+    row = f"| {method} | {t_fit:.3f} | {t_fit_ref:.3f} | {mo:.4f} | {mr:.3f} | {mr / mo:.1f}x |"
+    return ours, ref, row
+
+
+def fidelity(method: str, ours, ref, sets: dict[str, list], target, floor_images) -> list[str]:
+    """One row per data set: MAD per channel, SSIM mean/min (worst image), noise floor."""
+    again = staintools_normalizer(method)
+    again.fit(target.copy())
+    floor = [compare(again.transform(i.copy()), ref.transform(i.copy())) for i in floor_images]
+    floor_text = (f"{np.mean([f[0] for f in floor]):.2f}, "
+                  f"{np.mean([f[1] for f in floor]):.4f}")
+    rows = []
+    for name, items in sets.items():
+        if not items:
+            continue
+        scores = [(*compare(ours(img), ref.transform(img.copy())), path) for path, img in items]
+        mad = np.mean([m for m, _, _ in scores], axis=0)
+        worst = min(scores, key=lambda r: r[1])
+        rows.append(f"| {method} | {name} ({len(items)}) | {mad[0]:.2f} | {mad[1]:.2f} | "
+                    f"{mad[2]:.2f} | {np.mean([s for _, s, _ in scores]):.4f} | "
+                    f"{worst[1]:.4f} ({worst[2].name}) | {floor_text} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def objective(images: list[tuple[Path, np.ndarray]]) -> list[str]:
+    """Vahadane's dictionary-learning objective (mean per tissue pixel, all tissue pixels) at
+    our stain matrix and at StainTools': lower is the better solution of the same problem."""
+    import staintools
+
+    from histoclass.stain._optical import rgb_to_od, tissue_mask
+    from histoclass.stain._stains import concentrations
+
+    norm = stain.create("vahadane")
+    rows = []
+    for path, img in images:
+        name = path.name
+        od = rgb_to_od(img)[tissue_mask(img)].astype(np.float64)
+
+        def value(s: np.ndarray, od: np.ndarray = od) -> float:
+            lam = norm.dictionary_lam
+            c = concentrations(od, s, lam).astype(np.float64)
+            return float((0.5 * ((od - c @ s) ** 2).sum() + lam * c.sum()) / len(od))
+
+        ours = norm.stain_matrix_of(od)
+        theirs = staintools.VahadaneStainExtractor.get_stain_matrix(img.copy())
+        cos = (ours * theirs).sum(axis=1)
+        rows.append(f"| {name} | {value(ours):.6f} | {value(theirs):.6f} | "
+                    f"{cos[0]:.5f}, {cos[1]:.5f} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
@@ -79,58 +142,47 @@ def main() -> None:
     lim = args.limit or None
     target = to_array(load_rgb(breakhis[0]))
     timing = [to_array(load_rgb(p)) for p in breakhis[1:6]]
-    quality = [(p, to_array(load_rgb(p))) for p in breakhis[1:lim] + ucsb[:lim]]
+    sets = {
+        "BreakHis": [(p, to_array(load_rgb(p))) for p in breakhis[1:lim]],
+        "UCSB": [(p, to_array(load_rgb(p))) for p in ucsb[:lim]],
+    }
     have_st = staintools_normalizer("macenko") is not None
     lines = [
+        "## Stain normalization (histoclass.stain vs StainTools 2.1.2)", "",
         f"Machine: {os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}, "
         f"numpy {np.__version__}; load average at start {os.getloadavg()[0]:.2f} "
         "(cores shared with other work).",
         f"Command: `PYTHONPATH=src python benchmarks/stain_speed.py"
         f"{f' --limit {args.limit}' if args.limit else ''}`"
-        f" (StainTools {'installed' if have_st else 'NOT installed'}).",
-        "",
-        "Per-image transform time (fit on 1 BreakHis 700x460 image, transform 5 others):",
-        "",
+        f" (StainTools {'installed' if have_st else 'NOT installed'}: benchmark-only, in a "
+        "venv made with `python -m venv --system-site-packages` and `pip install --no-deps "
+        "staintools spams-bin`, so it neither builds SPAMS nor replaces "
+        "opencv-python-headless).",
+        "", f"Per-image time (fit on {breakhis[0].name}, 700x460; transform the next 5):", "",
         "| method | fit ours (s) | fit StainTools (s) | per image ours (s) | "
         "per image StainTools (s) | speed-up |",
         "|---|---|---|---|---|---|",
     ]
-    fidelity = [
-        "", f"Fidelity vs StainTools on {len(quality)} real images ({len(breakhis[1:lim])} "
-        f"BreakHis + {len(ucsb[:lim])} UCSB, toward the BreakHis target):", "",
-        "| method | MAD R | MAD G | MAD B | SSIM mean | SSIM min | StainTools vs itself: "
-        "MAD RGB, SSIM |", "|---|---|---|---|---|---|---|",
+    quality = [
+        "", "Fidelity vs StainTools on the real images, all normalized toward that BreakHis "
+        "target:", "",
+        "| method | images | MAD R | MAD G | MAD B | SSIM mean | SSIM min (image) | "
+        "StainTools vs itself: MAD, SSIM |", "|---|---|---|---|---|---|---|---|",
     ]
     for method in stain.METHODS:
-        t_fit, ours = timed(stain.fit, method, target)
-        ref = staintools_normalizer(method)
-        t_fit_ref = timed(ref.fit, target.copy())[0] if ref else float("nan")
-        t_ours, t_ref = [], []
-        for img in timing:
-            t_ours.append(timed(ours, img)[0])
-            if ref:  # StainTools writes into its input (zeros become ones): give it a copy
-                t_ref.append(timed(ref.transform, img.copy())[0])
-        mo, mr = float(np.mean(t_ours)), float(np.mean(t_ref)) if ref else float("nan")
-        row = (f"| {method} | {t_fit:.3f} | {t_fit_ref:.3f} | {mo:.4f} | {mr:.3f} | "
-               f"{mr / mo:.1f}x |")
+        ours, ref, row = speed(method, target, timing)
         lines.append(row)
         print(row, flush=True)
-        if not ref:
-            continue
-        mads, ssims = [], []
-        for _, img in quality:
-            mad, s = compare(ours(img), ref.transform(img.copy()))
-            mads.append(mad)
-            ssims.append(s)
-        again = staintools_normalizer(method)
-        again.fit(target.copy())
-        floor = [compare(again.transform(img.copy()), ref.transform(img.copy())) for img in timing]
-        mad = np.mean(mads, axis=0)
-        row = (f"| {method} | {mad[0]:.2f} | {mad[1]:.2f} | {mad[2]:.2f} | {np.mean(ssims):.4f} "
-               f"| {np.min(ssims):.4f} | {np.mean([f[0] for f in floor]):.2f}, "
-               f"{np.mean([f[1] for f in floor]):.4f} |")
-        fidelity.append(row)
-        print(row, flush=True)
+        if ref:
+            quality += fidelity(method, ours, ref, sets, target, timing)
+    if have_st:
+        quality += [
+            "", "Vahadane stain matrix of the five timing images: dictionary-learning objective "
+            "(mean per tissue pixel, over all tissue pixels; lower is better) and cosine "
+            "between our H, E vectors and StainTools':", "",
+            "| image | objective ours | objective StainTools | cosine H, E |", "|---|---|---|---|",
+            *objective(list(zip(breakhis[1:6], timing, strict=True))),
+        ]
     notes = [
         "", "Notes:", "",
         "- StainTools' Vahadane time is mostly `spams.trainDL` with its default `iter=-1`, i.e. "
@@ -146,7 +198,7 @@ def main() -> None:
         "(its noise floor). Reinhard differs mostly because StainTools quantises Lab to "
         "8 bits through OpenCV; ours converts in float.",
     ]
-    text = "\n".join(lines + fidelity + notes) + "\n"
+    text = "\n".join(lines + quality + notes) + "\n"
     print(text)
     if args.write:
         args.write.write_text(text)
