@@ -22,7 +22,7 @@ _MAX_COSINE = 0.995  # H and E vectors closer than this are one colour: separati
 
 
 def _solve(b0: np.ndarray, b1: np.ndarray, gram: np.ndarray) -> np.ndarray:
-    """Closed-form solution from ``b_k = s_k . x - lam``; ``(2, N)`` float32 (b is reused)."""
+    """Exact solution from ``b_k = s_k . x - lam`` and the stains' Gram matrix; ``(2, N)``."""
     g00, g01, g11 = (np.float32(v) for v in (gram[0, 0], gram[0, 1], gram[1, 1]))
     det = g00 * g11 - g01 * g01
     c0 = (g11 * b0 - g01 * b1) / det

@@ -126,7 +126,8 @@ def normalize_dataset(
     if out.resolve() == root or root in out.resolve().parents:
         raise ValueError(f"--out {out} is inside the input folder {root}; choose another folder")
     rel = [p.relative_to(root).as_posix() for p in sources]
-    jobs = [(str(p), str(out / r)) for p, r in zip(sources, rel, strict=True)]
+    # A CSV may list one image twice: normalize it once (two writers would race on one file).
+    jobs = list(dict.fromkeys((str(p), str(out / r)) for p, r in zip(sources, rel, strict=True)))
 
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(normalizer,)) as pool:
