@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +187,9 @@ def test_other_lab_images_take_the_target_stains(method):
         cos_before = (before * norm.stain_matrix).sum(axis=1)
         cos_after = (after * norm.stain_matrix).sum(axis=1)
         assert np.all(cos_after > 0.99) and np.all(cos_after >= cos_before - 1e-3)
+
+
+def test_stain_package_does_not_import_torch():
+    code = ("import sys, histoclass.stain, histoclass.stain.batch; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

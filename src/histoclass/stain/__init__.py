@@ -15,6 +15,10 @@ sparse non-negative factorisation is solved exactly for two stains in closed for
 which makes it more than 10x faster than StainTools (see ``docs/benchmarks-stain.md``).
 
 No torch, OpenCV or scikit-image here: numpy only.
+
+The alternative to normalizing is making the model colour-robust: HED and colour jitter in
+training (``histoclass.data.transforms.Augment(hed_jitter=..., color_jitter=...)``), which the
+study did not try.
 """
 
 from __future__ import annotations

@@ -15,7 +15,13 @@ _MIN_STD = 1e-3  # a flat channel cannot be rescaled meaningfully
 
 
 class ReinhardNormalizer(Normalizer):
-    """Reinhard normalization (Lab mean and standard deviation per channel)."""
+    """Reinhard normalization (Lab mean and standard deviation per channel).
+
+    Args:
+        luminosity_threshold: Pixels with CIE L*/100 below this are tissue (used only to pass
+            nearly blank images through unchanged).
+        min_tissue: Images with a smaller tissue fraction are passed through unchanged.
+    """
 
     method = "reinhard"
 
