@@ -93,6 +93,14 @@ def test_blank_and_mostly_white_images_pass_through_with_warning(method, fitted,
         assert name in caplog.text and "unchanged" in caplog.text
 
 
+@pytest.mark.parametrize("method", stain.METHODS)
+def test_real_tissue_is_never_passed_through(method, fitted, he):
+    ucsb = sorted(sample_path("ucsb").rglob("*.jpg"))[::8]
+    for img in [*he[1:], *(to_array(load_rgb(p)) for p in ucsb)]:  # he[0] is the target
+        out, reason = fitted[method].apply(img)
+        assert reason is None and not np.array_equal(out, img)
+
+
 def test_fit_rejects_blank_target_and_unknown_method(he):
     with pytest.raises(ValueError, match=r"target image 1 has 0\.0% tissue"):
         stain.fit("macenko", [he[0], np.full((32, 32, 3), 250, np.uint8)])
