@@ -230,9 +230,10 @@ class Classifier:
         arr = np.asarray(to_rgb_image(image, max_pixels))
         with self._lock:
             e = self.engine.explain(ex, arr, method=method, target=target)
-        pred = self._result(_name(image, 0), e.probs, None, None)
-        if self.is_ensemble:
+        if self.is_ensemble:  # the members' votes and disagreement come from predict
             pred = self.predict(arr)[0]
+        else:
+            pred = self._result(_name(image, 0), e.probs, None, None)
         members = {n: overlay(arr, m.cam, alpha) for n, _, m in getattr(e, "members", [])}
         return Explained(overlay(arr, e.cam, alpha), e.cam, pred, self.classes[e.target], members)
 

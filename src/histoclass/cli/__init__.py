@@ -9,7 +9,7 @@ import logging
 
 import typer
 
-from histoclass.cli import data
+from histoclass.cli import data, serve
 
 app = typer.Typer(
     name="histoclass",
@@ -19,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 data.register(app)
+serve.register(app)
 
 
 @app.callback()
