@@ -108,6 +108,8 @@ def test_predict_paths_skips_bad_files_and_keeps_order(exported, tmp_path, worke
         (str(bad), "corrupt or truncated image")]
     assert np.allclose(out.proba, clf.predict_batch(clf.preprocess_paths(SAMPLES)), atol=1e-6)
     assert out.pred.tolist() == out.proba.argmax(1).tolist()
+    as_torch = out.to_torch()  # what histoclass.predict's CSV code consumes
+    assert torch.equal(as_torch.proba, torch.from_numpy(out.proba)) and as_torch.features is None
 
 
 def test_clear_errors(tmp_path, exported):
@@ -154,3 +156,6 @@ def test_ensemble_exports_as_one_graph(tmp_path, method):
     tol = 2e-2 if method == "hard" else 1e-5
     assert np.abs(got[num].to_numpy(float) - ref[num].to_numpy(float)).max() < tol
     assert got["pred"].tolist() == ref["pred"].tolist()
+    out = OnnxClassifier(tmp_path / "e.onnx", threads=1).predict_paths(SAMPLES, workers=0)
+    assert out.members.shape == (len(paths), len(SAMPLES), 2)
+    assert np.allclose(out.proba[:, 1], got["p_malignant"], atol=1e-6)

@@ -37,6 +37,18 @@ class BatchOutputs(NamedTuple):
     disagreement: np.ndarray | None  # [N] (ensembles)
     skipped: list[tuple[str, str]]
 
+    def to_torch(self) -> Any:
+        """The same fields as torch tensors, plus ``features=None``: the shape of
+        ``histoclass.predict.run``'s result, so the predictions-CSV code can consume it."""
+        import torch
+
+        def t(a: np.ndarray | None) -> Any:
+            return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+        return SimpleNamespace(index=self.index, proba=t(self.proba), pred=t(self.pred),
+                               members=t(self.members), disagreement=t(self.disagreement),
+                               features=None, skipped=self.skipped)
+
 
 def cpu_count() -> int:
     """Cores this process may run on."""
@@ -62,6 +74,10 @@ def decode(path: str, pre: Preprocess, stain: Any = None) -> np.ndarray | str:
 class OnnxClassifier:
     """An exported histoclass model on ONNX Runtime (CPU).
 
+    It has the attributes ``histoclass.predict`` reads from an ensemble (``classes``, ``task``,
+    ``is_ensemble``, ``members[i].name``, ``refer_threshold``), so ``predict --backend onnx``
+    only swaps the loader and calls ``predict_paths(...).to_torch()`` instead of ``run``.
+
     Args:
         path: ``.onnx`` file written by ``histoclass export``.
         threads: Intra-op threads (default: all cores).
@@ -74,6 +90,7 @@ class OnnxClassifier:
         import onnxruntime as ort
 
         self.path = Path(path)
+        self.backend = "onnx"
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model {self.path} does not exist")
         opts = ort.SessionOptions()
