@@ -17,6 +17,7 @@ installed) on the real images, over the 1000 ImageNet classes.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,13 +32,16 @@ from histoclass.models import member_meta, model_preprocess, save_checkpoint
 from histoclass.onnx_backend import OnnxClassifier, decode
 
 
-def best_rate(fn: Callable[[], int], repeat: int) -> float:
-    """Images per second of the fastest of ``repeat`` runs of ``fn`` (which returns a count)."""
-    best = 0.0
+def interleaved(tasks: dict[str, Callable[[], int]], repeat: int) -> dict[str, float]:
+    """Best images/s of each task (a function returning its image count) over ``repeat``
+    rounds; every round runs every task once, so a load spike from another user of the shared
+    cores hits all rows alike instead of one."""
+    best = dict.fromkeys(tasks, 0.0)
     for _ in range(repeat):
-        t = time.perf_counter()
-        n = fn()
-        best = max(best, n / (time.perf_counter() - t))
+        for name, fn in tasks.items():
+            t = time.perf_counter()
+            n = fn()
+            best[name] = max(best[name], n / (time.perf_counter() - t))
     return best
 
 
@@ -76,7 +80,7 @@ def speed(args: argparse.Namespace, paths: list[Path]) -> None:
     n = sum(len(x) for x in tensors)
 
     def torch_run(channels_last: bool) -> Callable[[], int]:
-        m = model.to(memory_format=torch.channels_last) if channels_last else model
+        m = copy.deepcopy(model).to(memory_format=torch.channels_last) if channels_last else model
         xs = [torch.from_numpy(x) for x in tensors]
         if channels_last:
             xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
@@ -88,27 +92,31 @@ def speed(args: argparse.Namespace, paths: list[Path]) -> None:
             return n
         return run
 
-    rows = {"torch eager": best_rate(torch_run(False), args.repeat)}
-    rows["torch channels_last"] = best_rate(torch_run(True), args.repeat)
-    model.to(memory_format=torch.contiguous_format)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     raw = ort.InferenceSession(str(fp32), opts, providers=["CPUExecutionProvider"])
-    rows["ORT raw (FP32, tensors)"] = best_rate(
-        lambda: sum(len(raw.run(None, {"image": x})[0]) for x in tensors), args.repeat)
-    rows["ORT backend (decoded uint8)"] = best_rate(
-        lambda: sum(len(clf.run_batch(clf.normalize(x))[0]) for x in batches), args.repeat)
-    for w in args.workers:
-        rows[f"backend, PNG folder ({w} thr)"] = best_rate(
-            lambda w=w: len(clf.predict_paths(paths, b, workers=w).index), args.repeat)
-        with ThreadPoolExecutor(w) as pool:
-            rows[f"decode only ({w} thr)"] = best_rate(
-                lambda pool=pool: len(list(pool.map(decode, map(str, paths),
-                                                    [clf.preprocess] * len(paths)))),
-                args.repeat)
     raw8 = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    rows["ORT raw (INT8, tensors)"] = best_rate(
-        lambda: sum(len(raw8.run(None, {"image": x})[0]) for x in tensors), args.repeat)
+    eager, channels_last = torch_run(False), torch_run(True)
+    tasks: dict[str, Callable[[], int]] = {
+        "torch eager": eager,
+        "torch channels_last": channels_last,
+        "ORT raw (FP32, tensors)":
+            lambda: sum(len(raw.run(None, {"image": x})[0]) for x in tensors),
+        "ORT backend (decoded uint8)":
+            lambda: sum(len(clf.run_batch(clf.normalize(x))[0]) for x in batches),
+    }
+    pools = {w: ThreadPoolExecutor(w) for w in args.workers}
+    for w, pool in pools.items():
+        tasks[f"backend, PNG folder ({w} thr)"] = (
+            lambda w=w: len(clf.predict_paths(paths, b, workers=w).index))
+        tasks[f"decode only ({w} thr)"] = (
+            lambda pool=pool: len(list(pool.map(decode, map(str, paths),
+                                                [clf.preprocess] * len(paths)))))
+    tasks["ORT raw (INT8, tensors)"] = (
+        lambda: sum(len(raw8.run(None, {"image": x})[0]) for x in tensors))
+    rows = interleaved(tasks, args.repeat)
+    for pool in pools.values():
+        pool.shutdown()
     base, ortr = rows["torch eager"], rows["ORT raw (FP32, tensors)"]
     print(f"\n{args.arch} @ {clf.preprocess.input_size}, batch {b}, {args.threads} threads, "
           f"{len(paths)} PNGs in the folder runs, best of {args.repeat}")
@@ -134,8 +142,14 @@ def accuracy(args: argparse.Namespace, paths: list[Path]) -> None:
     ref = histoclass.load(ckpt)
     with torch.inference_mode():
         p_torch = ref.engine.members[0].model(torch.from_numpy(x)).softmax(-1).numpy()
-    p32 = OnnxClassifier(out.with_name("lite0.fp32.onnx")).predict_batch(x)
-    p8 = OnnxClassifier(out).predict_batch(x)
+    c32 = OnnxClassifier(out.with_name("lite0.fp32.onnx"), threads=args.threads)
+    c8 = OnnxClassifier(out, threads=args.threads)
+    p32, p8 = c32.predict_batch(x), c8.predict_batch(x)
+    xs = [x[i:i + args.batch] for i in range(0, min(len(x), args.n), args.batch)]
+    rates = interleaved({k: (lambda c=c: sum(len(c.predict_batch(b)) for b in xs))
+                         for k, c in (("fp32", c32), ("int8", c8))}, args.repeat)
+    print(f"\nefficientnet_lite0 ORT backend, batch {args.batch}: FP32 {rates['fp32']:.1f} "
+          f"img/s, INT8 {rates['int8']:.1f} img/s ({rates['int8'] / rates['fp32']:.2f}x)")
     print(f"\naccuracy, efficientnet_lite0 (ImageNet weights, 1000 classes), {len(paths)} "
           "real images:")
     for name, a, b in (("FP32 ORT vs PyTorch", p32, p_torch), ("INT8 vs FP32 ORT", p8, p32)):

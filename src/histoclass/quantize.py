@@ -74,8 +74,10 @@ def quantize_static_int8(fp32: str | Path, out: str | Path,
             str(pre), str(out), _Reader(paths, fp32), quant_format=QuantFormat.QDQ,
             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
-            # Softmax and the ensemble rule stay in float: they are cheap and precision-critical.
-            op_types_to_quantize=["Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool"],
+            # Convolutions with their fused ReLU/ReLU6 and the dense layers; logits, softmax and
+            # the ensemble rule stay float (cheap, and probabilities must not be 8-bit steps).
+            op_types_to_quantize=["Conv", "Gemm", "MatMul", "Clip", "Relu"],
+            extra_options={"OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"]},
         )
     finally:
         pre.unlink(missing_ok=True)
