@@ -155,7 +155,8 @@ def _upload(page, server: str, path: Path) -> None:
 
     page.goto(server)
     page.locator("#upload input[type=file]").set_input_files(str(path))
-    expect(page.locator("#upload")).to_contain_text(path.name, timeout=30_000)
+    # The name's stem and suffix render in separate elements: wait for the stem.
+    expect(page.locator("#upload")).to_contain_text(path.stem, timeout=30_000)
     page.locator("#classify").click()
 
 
