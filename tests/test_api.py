@@ -155,3 +155,17 @@ def test_ensemble_members_disagreement_and_refer(tmp_path):
     frame = clf.predict_frame([SAMPLES[0]])
     assert frame[["member.a.p_malignant", "member.b.p_malignant", "refer"]].iloc[0].tolist() \
         == pytest.approx([0.9, 0.3, 1], abs=1e-6)
+
+
+def test_ensemble_explanation_is_fused_over_members(tmp_path):
+    ens = pytest.importorskip("histoclass.models.ensemble", reason="ensembles not in this tree")
+    pytest.importorskip("histoclass.explain", reason="histoclass.explain (Grad-CAM) not here")
+    a, b = make_member(tmp_path / "a.pt"), make_member(tmp_path / "b.pt", size=48)
+    members = [ens.load_member(a, "a"), ens.load_member(b, "b")]
+    ens.Ensemble(members, "weighted", weights=[0.75, 0.25], member_paths=[a, b]).save(
+        tmp_path / "e.pt")
+    clf = histoclass.load(tmp_path / "e.pt")
+    ex = clf.explain(SAMPLES[0])
+    assert sorted(ex.member_overlays) == ["a", "b"] and ex.overlay.shape == (460, 700, 3)
+    assert ex.prediction.probs == pytest.approx(clf.predict(SAMPLES[0])[0].probs, abs=1e-6)
+    assert ex.prediction.members["b"] and ex.target == ex.prediction.label

@@ -111,5 +111,9 @@ class TorchEngine:
         weights = self.ens.weights if self.ens.method == "weighted" else [1.0 / n] * n
         members = [(m.name, m.model, m.preprocess, w, m.stain)
                    for m, w in zip(self.members, weights, strict=True)]
-        return ex.explain_ensemble(members, image, self.classes, fused_probs=proba[0],
-                                   method=method, target=target)
+        try:  # its home in newer versions; earlier ones kept it in histoclass.explain
+            from histoclass.explain_ensemble import explain_ensemble
+        except ImportError:
+            explain_ensemble = ex.explain_ensemble
+        return explain_ensemble(members, image, self.classes, fused_probs=proba[0],
+                                method=method, target=target)
