@@ -89,6 +89,9 @@ def test_int8_model_is_quantised_and_close(exported):
     clf = OnnxClassifier(exported[1], threads=1)
     ops = {n.op_type for n in onnx.load(str(exported[1])).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    from histoclass.quantize import stem_convs
+
+    assert len(stem_convs(onnx.load(str(exported[1])))) == 1  # the stem conv stays float
     fp32 = OnnxClassifier(exported[1].with_name("m.fp32.onnx"), threads=1)
     x = fp32.preprocess_paths(SAMPLES)
     p8, p32 = clf.predict_batch(x), fp32.predict_batch(x)
