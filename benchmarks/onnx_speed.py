@@ -73,6 +73,7 @@ def speed(args: argparse.Namespace, paths: list[Path]) -> None:
 
     model, _ = load_checkpoint(ckpt)
     clf = OnnxClassifier(fp32, threads=args.threads)
+    spin = OnnxClassifier(fp32, threads=args.threads, allow_spinning=True)
     b = args.batch
     decoded = [decode(str(p), clf.preprocess) for p in paths[:args.n]]
     batches = [np.stack(decoded[i:i + b]) for i in range(0, len(decoded), b)]
@@ -104,6 +105,8 @@ def speed(args: argparse.Namespace, paths: list[Path]) -> None:
             lambda: sum(len(raw.run(None, {"image": x})[0]) for x in tensors),
         "ORT backend (decoded uint8)":
             lambda: sum(len(clf.run_batch(clf.normalize(x))[0]) for x in batches),
+        "  same, ORT threads spinning":
+            lambda: sum(len(spin.run_batch(spin.normalize(x))[0]) for x in batches),
     }
     pools = {w: ThreadPoolExecutor(w) for w in args.workers}
     for w, pool in pools.items():

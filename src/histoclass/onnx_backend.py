@@ -124,14 +124,18 @@ class OnnxClassifier:
 
             self.stain = stain_of({"stain": stain}, self.path)
         self.outputs = [o.name for o in self.session.get_outputs()]
-        mean = np.asarray(self.preprocess.mean, np.float32).reshape(1, 3, 1, 1)
-        std = np.asarray(self.preprocess.std, np.float32).reshape(1, 3, 1, 1)
+        mean = np.asarray(self.preprocess.mean, np.float32)
+        std = np.asarray(self.preprocess.std, np.float32)
         self._scale, self._shift = 1.0 / (255.0 * std), mean / std
 
     def normalize(self, batch: np.ndarray) -> np.ndarray:
         """``NxHxWx3`` uint8 -> normalised float32 ``Nx3xHxW`` (as the embedded preprocessing)."""
-        x = batch.transpose(0, 3, 1, 2).astype(np.float32)
-        return np.ascontiguousarray(x * self._scale - self._shift, dtype=np.float32)
+        # Scale and shift in place in the contiguous NHWC layout, then one transposing copy:
+        # the fastest numpy order (strided arithmetic on an NCHW view is slower).
+        x = batch.astype(np.float32)
+        x *= self._scale
+        x -= self._shift
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
     def preprocess_paths(self, paths: Sequence[str | Path]) -> np.ndarray:
         """Model inputs for image files; raises :class:`ImageLoadError` on a bad file."""
