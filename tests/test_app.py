@@ -72,6 +72,18 @@ def test_bad_uploads_get_messages_not_traces(clf, tmp_path):
     assert items == [] and gallery == [] and text.startswith("Upload")
 
 
+def test_onnx_model_is_served_without_overlay(ckpt, clf, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
+    from histoclass.app import cam_available
+    from histoclass.export import export_onnx
+
+    onnx_clf = histoclass.load(export_onnx(ckpt, tmp_path / "m.onnx"))
+    text, gallery, items = analyse([str(SAMPLES[0])], onnx_clf, Limits())
+    assert items[0]["probs"] == pytest.approx(clf.predict(SAMPLES[0])[0].probs, abs=1e-4)
+    assert gallery == [] and "needs the PyTorch checkpoint" in cam_available(onnx_clf)
+    assert f"**Verdict: {items[0]['verdict'].upper()}**" in text
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
