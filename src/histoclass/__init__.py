@@ -12,4 +12,12 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load"]
+
+
+def __getattr__(name: str):  # PEP 562: ``histoclass.load`` without importing torch up front
+    if name == "load":
+        from histoclass.api import load
+
+        return load
+    raise AttributeError(f"module 'histoclass' has no attribute {name!r}")

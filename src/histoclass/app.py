@@ -1,0 +1,176 @@
+"""The web demo: upload H&E images, get the verdict, member votes and a Grad-CAM overlay.
+
+A leaf module (only ``histoclass serve`` imports it). The model is loaded once; requests go
+through Gradio's queue and the :class:`~histoclass.api.Classifier` lock, so concurrent users
+never share state: every request builds its answer from its own files only. Bad uploads
+(not an image, corrupt, too many megabytes or pixels) get a one-line message, never a trace.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histoclass.api import Classifier, Prediction, load, to_rgb_image
+from histoclass.data.images import ImageLoadError
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline, private by default
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may upload."""
+
+    max_mb: float = 20.0
+    max_pixels: int = 25_000_000
+    max_images: int = 16
+
+
+def _pct(p: float) -> str:
+    return f"{100 * p:.1f}%"
+
+
+def describe(pred: Prediction, clf: Classifier) -> dict[str, Any]:
+    """One image's answer as plain JSON (the API output the load test compares)."""
+    out: dict[str, Any] = {"image": Path(pred.source).name, "error": pred.error}
+    if pred.ok:
+        out.update(verdict=pred.verdict, p_malignant=pred.p_malignant, label=pred.label,
+                   probs=pred.probs)
+        if clf.is_ensemble:
+            out.update(members=pred.members, disagreement=pred.disagreement, refer=pred.refer)
+    return out
+
+
+def verdict_markdown(item: dict[str, Any], clf: Classifier) -> str:
+    """A short human-readable block for one image."""
+    name = html.escape(item["image"])
+    if item["error"]:
+        return f"### {name}\n**Could not analyse this file:** {html.escape(item['error'])}"
+    lines = [f"### {name}",
+             f"**Verdict: {item['verdict'].upper()}** — p(malignant) = {_pct(item['p_malignant'])}"]
+    if clf.task == "subtype":
+        lines.append(f"Subtype: **{item['label'].replace('_', ' ')}** "
+                     f"({_pct(item['probs'][item['label']])})")
+    if clf.is_ensemble:
+        votes = ", ".join(f"{n}: {_pct(_p_mal(p))}" for n, p in item["members"].items())
+        lines.append(f"Members p(malignant): {votes}")
+        flag = ("**members disagree: refer to a pathologist**" if item["refer"]
+                else "members agree")
+        lines.append(f"Disagreement {item['disagreement']:.3f} "
+                     f"(threshold {clf.refer_threshold:.2f}): {flag}")
+    return "\n\n".join(lines)
+
+
+def _p_mal(probs: dict[str, float]) -> float:
+    return Prediction("", probs).p_malignant or 0.0
+
+
+def check_upload(path: str, limits: Limits) -> None:
+    """Refuse an upload over the size limit before decoding it."""
+    size = Path(path).stat().st_size
+    if size > limits.max_mb * 1e6:
+        raise ImageLoadError(path, f"file too large: {size / 1e6:.1f} MB > limit "
+                                   f"{limits.max_mb:g} MB")
+
+
+def analyse(files: list[Any] | None, clf: Classifier, limits: Limits, explain: bool = True
+            ) -> tuple[str, list[tuple[np.ndarray, str]], list[dict[str, Any]]]:
+    """Everything the page shows for one request: markdown, overlays with captions, JSON."""
+    paths = [str(getattr(f, "name", f)) for f in (files or [])]
+    if not paths:
+        return "Upload one or more H&E images (PNG, JPEG, TIFF).", [], []
+    notes = []
+    if len(paths) > limits.max_images:
+        notes.append(f"Only the first {limits.max_images} of {len(paths)} images were analysed "
+                     f"(limit {limits.max_images} per request).")
+        paths = paths[:limits.max_images]
+    items, gallery = [], []
+    explain = explain and cam_available(clf) is None
+    for path in paths:
+        try:
+            check_upload(path, limits)
+            img = to_rgb_image(path, limits.max_pixels)
+            if explain:
+                e = clf.explain(img, max_pixels=limits.max_pixels)
+                pred, over = e.prediction, e.overlay
+            else:
+                pred, over = clf.predict(img, max_pixels=limits.max_pixels)[0], None
+            pred.source = path
+        except (ImageLoadError, ValueError) as exc:
+            pred, over = Prediction(path, error=getattr(exc, "reason", str(exc))), None
+        except Exception:  # never show a stack trace to the user; keep it in the log
+            log.exception("failed on %s", path)
+            pred, over = Prediction(path, error="internal error while analysing this image "
+                                                "(see the server log)"), None
+        item = describe(pred, clf)
+        items.append(item)
+        if over is not None:
+            gallery.append((over, f"{item['image']}: {item['verdict']} "
+                                  f"({_pct(item['p_malignant'])} malignant)"))
+    text = "\n\n".join(notes + [verdict_markdown(i, clf) for i in items])
+    return text, gallery, items
+
+
+def cam_available(clf: Classifier) -> str | None:
+    """``None`` when Grad-CAM overlays can be shown, else why not."""
+    import importlib.util
+
+    if clf.backend != "torch":
+        return "Grad-CAM needs the PyTorch checkpoint; this server runs an ONNX export."
+    if importlib.util.find_spec("histoclass.explain") is None:
+        return "Grad-CAM is not available in this installation (histoclass.explain missing)."
+    return None
+
+
+def examples() -> list[list[list[str]]]:
+    """Example inputs from the bundled BreakHis sample."""
+    from histoclass.data.manifest import sample_path
+
+    return [[[str(p)]] for p in sorted(sample_path("breakhis").glob("*.png"))[:4]]
+
+
+def build(model: str | Path | Classifier, limits: Limits = Limits(), explain: bool = True) -> Any:
+    """The Gradio ``Blocks`` app for ``model`` (loaded once, here)."""
+    import gradio as gr
+
+    clf = model if isinstance(model, Classifier) else load(model)
+    kind = (f"ensemble of {len(clf.member_names)} ({', '.join(clf.member_names)})"
+            if clf.is_ensemble else clf.member_names[0])
+    with gr.Blocks(title="histoclass") as demo:
+        gr.Markdown(
+            "# histoclass: breast histopathology classifier\n"
+            f"Model: **{kind}**, classes: {', '.join(clf.classes)} ({clf.backend}). "
+            "Upload H&E images (BreakHis-like fields of view). Research use only: not a "
+            f"diagnosis. Limits: {limits.max_mb:g} MB and {limits.max_pixels / 1e6:g} MP per "
+            f"image, {limits.max_images} images per request."
+            + (f" _{cam_available(clf)}_" if explain and cam_available(clf) else ""))
+        with gr.Row():
+            with gr.Column(scale=1):
+                files = gr.File(file_count="multiple", label="Images", elem_id="upload")
+                run = gr.Button("Classify", variant="primary", elem_id="classify")
+                gr.Examples(examples(), inputs=[files], label="Sample H&E images")
+            with gr.Column(scale=2):
+                verdict = gr.Markdown(elem_id="verdict")
+                overlays = gr.Gallery(label="Grad-CAM (fused over members for ensembles)",
+                                      elem_id="overlays", columns=2, format="png")
+                details = gr.JSON(label="Details", elem_id="details")
+        run.click(lambda f: analyse(f, clf, limits, explain), inputs=[files],
+                  outputs=[verdict, overlays, details], api_name="classify")
+    return demo
+
+
+def serve(model: str | Path, host: str = "127.0.0.1", port: int = 7860, *,
+          limits: Limits = Limits(), concurrency: int = 2, explain: bool = True) -> None:
+    """Build the app and serve it until interrupted."""
+    demo = build(model, limits, explain)
+    demo.queue(default_concurrency_limit=concurrency, max_size=64)
+    log.info("serving %s on http://%s:%d", model, host, port)
+    demo.launch(server_name=host, server_port=port, ssr_mode=False, show_error=False,
+                quiet=True, max_file_size=int(4 * limits.max_mb * 1e6), footer_links=["api"])

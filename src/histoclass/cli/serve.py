@@ -1,0 +1,81 @@
+"""``histoclass export`` (ONNX, optional INT8) and ``histoclass serve`` (the web demo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from histoclass.cli._common import user_errors
+
+
+def export(
+    model: Path = typer.Argument(..., help="Member checkpoint or ensemble file."),
+    out: Path = typer.Option(..., "--out", help="The .onnx file to write."),
+    int8: bool = typer.Option(False, "--int8", help="Also quantise to INT8 (static QDQ); the "
+                              "FP32 model is kept beside it as <stem>.fp32.onnx."),
+    calibration: Path = typer.Option(
+        None, help="Folder of images to calibrate INT8 on (default: the bundled H&E sample)."),
+    check: bool = typer.Option(True, help="Compare ONNX Runtime with PyTorch on the bundled "
+                               "sample and print the largest probability difference."),
+) -> None:
+    """Export MODEL to ONNX with its preprocessing, classes and stain embedded."""
+    from histoclass.export import export_onnx
+
+    with user_errors(RuntimeError):
+        cal = None
+        if calibration is not None:
+            from histoclass.data.images import IMAGE_SUFFIXES
+
+            if not calibration.is_dir():
+                raise FileNotFoundError(f"calibration folder {calibration} does not exist")
+            cal = sorted(p for p in calibration.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not cal:
+                raise ValueError(f"calibration folder {calibration} holds no images")
+        path = export_onnx(model, out, int8=int8, calibration=cal)
+    typer.echo(f"wrote {path}")
+    if check:
+        from histoclass.api import load
+        from histoclass.data.manifest import sample_path
+
+        images = sorted(sample_path("breakhis").glob("*.png"))
+        ref = load(model).predict(images)
+        got = load(path).predict(images)
+        diff = max(abs(a.probs[c] - b.probs[c]) for a, b in zip(ref, got, strict=True)
+                   for c in a.probs)
+        agree = sum(a.label == b.label for a, b in zip(ref, got, strict=True))
+        typer.echo(f"check on {len(images)} sample images: max |p_onnx - p_torch| = {diff:.2e}, "
+                   f"same class {agree}/{len(images)}")
+
+
+def serve(
+    model: Path = typer.Argument(..., help="Member checkpoint, ensemble file or .onnx export."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0: all)."),
+    port: int = typer.Option(7860, help="TCP port."),
+    max_mb: float = typer.Option(20.0, help="Largest upload per image, in MB."),
+    max_pixels: int = typer.Option(25_000_000, help="Largest image, in pixels."),
+    max_images: int = typer.Option(16, help="Most images per request."),
+    concurrency: int = typer.Option(2, help="Requests processed at once (the rest queue)."),
+    explain: bool = typer.Option(True, help="Show Grad-CAM overlays (PyTorch models)."),
+) -> None:
+    """Serve the web demo for MODEL (needs gradio: the optional 'demo' extra)."""
+    try:
+        import gradio  # noqa: F401
+
+        from histoclass.app import Limits
+        from histoclass.app import serve as run_app
+    except ImportError as exc:
+        typer.secho(f"error: the web demo needs gradio ({exc}); pip install 'histoclass[demo]'",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    with user_errors():
+        if not model.is_file():
+            raise FileNotFoundError(f"model file {model} does not exist")
+        run_app(model, host, port, limits=Limits(max_mb, max_pixels, max_images),
+                concurrency=concurrency, explain=explain)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the CLI."""
+    app.command()(export)
+    app.command()(serve)

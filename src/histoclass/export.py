@@ -1,0 +1,164 @@
+"""Export a member or an ensemble to ONNX (optionally INT8) with its preprocessing embedded.
+
+The graph takes one input, ``image``: float32 ``[N, 3, H, W]``, normalised with the embedded
+preprocessing (``H, W`` = the largest member's input size), dynamic batch axis ``N``. Outputs are
+**probabilities** (softmax inside the graph, so callers never re-implement the combining rule):
+
+* ``probs`` ``[N, C]``: the model's (ensemble's) class probabilities;
+* ensembles add ``members`` ``[N, M, C]`` (each member's softmax) and ``disagreement`` ``[N]``.
+
+Ensembles (``soft``/``weighted``/``hard``/``stack``/``concat``) become one graph: members whose
+input size differs from the largest are fed ``F.interpolate`` of the input (bilinear,
+no antialias) and members with another mean/std get the input re-normalised. In PyTorch each
+member resizes the original image itself, so for mixed-size ensembles ONNX and PyTorch agree
+only approximately (a resize of a resize); same-size ensembles agree to float precision. All
+members must share one stain normaliser (or none): it runs before the graph, on the decoded
+image. Test-time augmentation is not exported.
+
+Metadata (``metadata_props``): ``histoclass`` (format tag), ``preprocess``, ``classes``,
+``stain`` (JSON; ``null`` without), ``task``, ``arch``, ``method``, ``members`` (JSON names),
+``refer_threshold``, ``output`` (``probabilities``), ``quantization``, ``histoclass_version``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+FORMAT = "histoclass-onnx"
+
+
+class ExportModule(nn.Module):
+    """A member or an ensemble as one module: normalised image in, probabilities out."""
+
+    def __init__(self, ens: Any) -> None:
+        super().__init__()
+        members = list(ens.members)
+        stains = {json.dumps(m.meta.get("stain"), sort_keys=True) for m in members}
+        if len(stains) > 1:
+            raise ValueError("cannot export an ensemble whose members use different stain "
+                             "normalisers: one graph input cannot carry two stain spaces")
+        main = max(members, key=lambda m: m.preprocess.input_size[0] * m.preprocess.input_size[1])
+        self.preprocess = main.preprocess
+        self.method = ens.method
+        self.models = nn.ModuleList(m.model for m in members)
+        self.sizes = [tuple(m.preprocess.input_size) for m in members]
+        mean0, std0 = torch.tensor(main.preprocess.mean), torch.tensor(main.preprocess.std)
+        self.renorm: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for i, m in enumerate(members):
+            mean, std = torch.tensor(m.preprocess.mean), torch.tensor(m.preprocess.std)
+            if torch.equal(mean, mean0) and torch.equal(std, std0):
+                self.renorm.append(None)
+                continue
+            # x0 = (v - mean0) / std0  ->  x = (v - mean) / std = x0 * std0/std + (mean0-mean)/std
+            self.register_buffer(f"scale{i}", (std0 / std).view(1, 3, 1, 1))
+            self.register_buffer(f"shift{i}", ((mean0 - mean) / std).view(1, 3, 1, 1))
+            self.renorm.append((f"scale{i}", f"shift{i}"))
+        self.weights = getattr(ens, "weights", None)
+        self.stack = getattr(ens, "stack", None)
+        self.head = getattr(ens, "head", None) if self.method == "concat" else None
+
+    def forward(self, x: torch.Tensor) -> Any:
+        probs, feats = [], []
+        for i, model in enumerate(self.models):
+            xi = x
+            if self.renorm[i] is not None:
+                xi = xi * getattr(self, self.renorm[i][0]) + getattr(self, self.renorm[i][1])
+            if tuple(xi.shape[-2:]) != self.sizes[i]:
+                xi = nn.functional.interpolate(xi, size=self.sizes[i], mode="bilinear",
+                                               align_corners=False)
+            if self.head is not None:
+                f = model.forward_head(model.forward_features(xi), pre_logits=True)
+                feats.append(f)
+                logits = model.get_classifier()(f)
+            else:
+                logits = model(xi)
+            probs.append(logits.float().softmax(-1))
+        if self.method == "single":
+            return probs[0]
+        from histoclass.models.ensemble import combine, disagreement
+
+        members = torch.stack(probs)
+        if self.head is not None:
+            proba = self.head(torch.cat(feats, 1)).float().softmax(-1)
+            pred = proba.argmax(-1)
+        else:
+            proba, pred = combine(self.method, members, weights=self.weights, stack=self.stack)
+        return proba, members.transpose(0, 1), disagreement(self.method, members, pred)
+
+
+def metadata_of(ens: Any, module: ExportModule, quantization: str = "none") -> dict[str, str]:
+    """The ``metadata_props`` written into the ONNX file (all values are strings)."""
+    from histoclass import __version__
+
+    first = ens.members[0].meta
+    return {
+        "histoclass": FORMAT, "preprocess": json.dumps(module.preprocess.to_dict()),
+        "classes": json.dumps(list(ens.classes)), "task": ens.task,
+        "stain": json.dumps(first.get("stain")),
+        "arch": first.get("arch", "") if len(ens.members) == 1 else "ensemble",
+        "method": ens.method, "members": json.dumps([m.name for m in ens.members]),
+        "refer_threshold": str(float(ens.refer_threshold)), "output": "probabilities",
+        "quantization": quantization, "histoclass_version": __version__,
+    }
+
+
+def set_metadata(path: str | Path, meta: dict[str, str]) -> None:
+    """Replace the file's ``metadata_props`` with ``meta``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(path))
+
+
+def export_module(module: nn.Module, x: torch.Tensor, out: Path, outputs: list[str]) -> None:
+    """``torch.onnx.export`` (torch.export-based) with a dynamic batch axis, quietly."""
+    batch = torch.export.Dim("batch", min=1)
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints progress lines
+        torch.onnx.export(module, (x,), str(out), input_names=["image"], output_names=outputs,
+                          dynamic_shapes={"x": {0: batch}}, dynamo=True, external_data=False)
+
+
+def export_onnx(model_path: str | Path, out: str | Path, *, int8: bool = False,
+                calibration: Sequence[str | Path] | None = None) -> Path:
+    """Export a model file (member or ensemble) to ONNX; ``int8`` also quantises it.
+
+    Args:
+        model_path: Member checkpoint or ensemble file.
+        out: The ``.onnx`` file to write (with ``int8``, the INT8 model; the FP32 one is
+            written beside it as ``<stem>.fp32.onnx``).
+        int8: Static QDQ INT8 quantisation calibrated on ``calibration`` images.
+        calibration: Image files for calibration (default: the bundled H&E sample).
+    """
+    from histoclass.torch_engine import load_any
+
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ValueError(f"output {out} must end with .onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ens = load_any(model_path)
+    module = ExportModule(ens).eval()
+    h, w = module.preprocess.input_size
+    names = ["probs"] if ens.method == "single" else ["probs", "members", "disagreement"]
+    fp32 = out.with_name(out.stem + ".fp32.onnx") if int8 else out
+    with torch.no_grad():
+        export_module(module, torch.randn(2, 3, h, w), fp32, names)
+    set_metadata(fp32, metadata_of(ens, module))
+    log.info("exported %s -> %s", model_path, fp32)
+    if int8:
+        from histoclass.quantize import quantize_static_int8
+
+        quantize_static_int8(fp32, out, calibration)
+    return out

@@ -1,0 +1,164 @@
+"""ONNX export and the ONNX Runtime backend: metadata, parity with PyTorch, batches, INT8."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
+import onnx
+
+import histoclass
+from histoclass.cli import app
+from histoclass.data.manifest import sample_path
+from histoclass.models import (
+    create_model,
+    member_meta,
+    model_preprocess,
+    save_checkpoint,
+)
+from histoclass.onnx_backend import OnnxClassifier
+
+SAMPLES = sorted(sample_path("breakhis").glob("*.png"))
+
+
+def make_member(path: Path, size: int = 64, seed: int = 0, bias: list[float] | None = None,
+                zero: bool = True) -> Path:
+    """A tiny checkpoint; ``bias`` sets the head's bias (and zeroes its weights if ``zero``)."""
+    torch.manual_seed(seed)
+    model = create_model("test_efficientnet", 2, pretrained=False)
+    if bias is not None:
+        if zero:
+            model.get_classifier().weight.data.zero_()
+        model.get_classifier().bias.data = torch.tensor(bias)
+    meta = member_meta("test_efficientnet", "test_efficientnet", ["benign", "malignant"],
+                       model_preprocess(model, size))
+    return save_checkpoint(path, model, meta)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, Path, str]:
+    """A member exported through the CLI (FP32 and INT8), and the CLI's output."""
+    root = tmp_path_factory.mktemp("onnx")
+    ckpt = make_member(root / "m.pt")
+    res = CliRunner().invoke(app, ["export", str(ckpt), "--out", str(root / "m.onnx"), "--int8"])
+    assert res.exit_code == 0, res.output
+    return ckpt, root / "m.onnx", res.output
+
+
+def test_metadata_is_embedded(exported):
+    ckpt, int8, _ = exported
+    fp32 = int8.with_name("m.fp32.onnx")
+    meta = {p.key: p.value for p in onnx.load(str(fp32)).metadata_props}
+    assert json.loads(meta["preprocess"]) == torch.load(ckpt, weights_only=True)["meta"][
+        "preprocess"]
+    assert json.loads(meta["classes"]) == ["benign", "malignant"]
+    assert (meta["task"], meta["arch"], meta["method"]) == ("binary", "test_efficientnet",
+                                                            "single")
+    assert (meta["stain"], meta["output"], meta["quantization"]) == ("null", "probabilities",
+                                                                     "none")
+    meta8 = {p.key: p.value for p in onnx.load(str(int8)).metadata_props}
+    assert meta8["quantization"] == "int8-static-qdq" and meta8["classes"] == meta["classes"]
+
+
+def test_fp32_matches_pytorch_on_real_images(exported):
+    ckpt, int8, output = exported
+    ref = histoclass.load(ckpt).predict(SAMPLES)
+    got = histoclass.load(int8.with_name("m.fp32.onnx")).predict(SAMPLES)
+    for a, b in zip(ref, got, strict=True):
+        assert b.probs == pytest.approx(a.probs, abs=1e-4)
+    assert "max |p_onnx - p_torch|" in output and f"same class {len(SAMPLES)}" in output
+
+
+def test_dynamic_batch_and_probabilities(exported):
+    clf = OnnxClassifier(exported[1].with_name("m.fp32.onnx"), threads=1)
+    x = clf.preprocess_paths(SAMPLES[:5])
+    assert x.shape == (5, 3, 64, 64) and x.dtype == np.float32
+    five = clf.predict_batch(x)
+    one = np.concatenate([clf.predict_batch(x[i:i + 1]) for i in range(5)])
+    assert np.allclose(five, one, atol=1e-6) and np.allclose(five.sum(1), 1, atol=1e-6)
+
+
+def test_int8_model_is_quantised_and_close(exported):
+    clf = OnnxClassifier(exported[1], threads=1)
+    ops = {n.op_type for n in onnx.load(str(exported[1])).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    from histoclass.quantize import stem_convs
+
+    assert len(stem_convs(onnx.load(str(exported[1])))) == 1  # the stem conv stays float
+    fp32 = OnnxClassifier(exported[1].with_name("m.fp32.onnx"), threads=1)
+    x = fp32.preprocess_paths(SAMPLES)
+    p8, p32 = clf.predict_batch(x), fp32.predict_batch(x)
+    assert np.allclose(p8.sum(1), 1, atol=1e-5)
+    assert np.abs(p8 - p32).max() < 0.05  # a random tiny net: loose, but not arbitrary
+
+
+@pytest.mark.parametrize(("workers", "executor"), [(0, "thread"), (2, "thread"), (2, "process")])
+def test_predict_paths_skips_bad_files_and_keeps_order(exported, tmp_path, workers, executor):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    clf = OnnxClassifier(exported[1].with_name("m.fp32.onnx"), threads=1)
+    paths = [*SAMPLES[:3], bad, *SAMPLES[3:]]
+    out = clf.predict_paths(paths, batch_size=2, workers=workers, executor=executor)
+    assert out.index == [0, 1, 2, 4, 5, 6]
+    assert [(p, r.split(" (")[0]) for p, r in out.skipped] == [
+        (str(bad), "corrupt or truncated image")]
+    assert np.allclose(out.proba, clf.predict_batch(clf.preprocess_paths(SAMPLES)), atol=1e-6)
+    assert out.pred.tolist() == out.proba.argmax(1).tolist()
+    as_torch = out.to_torch()  # what histoclass.predict's CSV code consumes
+    assert torch.equal(as_torch.proba, torch.from_numpy(out.proba)) and as_torch.features is None
+
+
+def test_clear_errors(tmp_path, exported):
+    with pytest.raises(FileNotFoundError, match=r"nope\.onnx does not exist"):
+        OnnxClassifier(tmp_path / "nope.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        OnnxClassifier(tmp_path / "junk.onnx")
+    plain = onnx.load(str(exported[1].with_name("m.fp32.onnx")))
+    del plain.metadata_props[:]
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    with pytest.raises(ValueError, match="without histoclass metadata"):
+        OnnxClassifier(tmp_path / "plain.onnx")
+    with pytest.raises(RuntimeError, match="Grad-CAM needs the PyTorch checkpoint"):
+        histoclass.load(exported[1]).explain(SAMPLES[0])
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "x.pt"), "--out", "y.onnx"])
+    assert res.exit_code == 2 and "x.pt does not exist" in res.output
+
+
+@pytest.mark.parametrize("method", ["hard", "concat"])
+def test_ensemble_exports_as_one_graph(tmp_path, method):
+    ens = pytest.importorskip("histoclass.models.ensemble", reason="ensembles not in this tree")
+    a = make_member(tmp_path / "a.pt", seed=1, bias=[0.0, math.log(9.0)])
+    # Another input size (resized inside the graph); a clear vote, so resizing cannot flip it.
+    b = make_member(tmp_path / "b.pt", seed=2, size=48, bias=[0.0, 3.0], zero=False)
+    c = make_member(tmp_path / "c.pt", seed=3)
+    paths = [a, b, c] if method == "hard" else [a, c]
+    members = [ens.load_member(p, p.stem) for p in paths]
+    head = None
+    if method == "concat":
+        from histoclass.models.concat import ConcatHead
+
+        torch.manual_seed(0)
+        head = ConcatHead(sum(m.model.num_features for m in members), 2).eval()
+    ens.Ensemble(members, method, head=head, member_paths=paths).save(tmp_path / "e.pt")
+    from histoclass.export import export_onnx
+
+    export_onnx(tmp_path / "e.pt", tmp_path / "e.onnx")
+    ref = histoclass.load(tmp_path / "e.pt").predict_frame(SAMPLES)
+    got = histoclass.load(tmp_path / "e.onnx").predict_frame(SAMPLES)
+    assert list(got.columns) == list(ref.columns)
+    num = [c for c in ref.columns if c not in ("path", "pred", "error")]
+    # Same-size members match to float precision; b sees a resize of the 64-px input.
+    tol = 2e-2 if method == "hard" else 1e-5
+    assert np.abs(got[num].to_numpy(float) - ref[num].to_numpy(float)).max() < tol
+    assert got["pred"].tolist() == ref["pred"].tolist()
+    out = OnnxClassifier(tmp_path / "e.onnx", threads=1).predict_paths(SAMPLES, workers=0)
+    assert out.members.shape == (len(paths), len(SAMPLES), 2)
+    assert np.allclose(out.proba[:, 1], got["p_malignant"], atol=1e-6)
