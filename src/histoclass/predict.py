@@ -103,6 +103,10 @@ def run(ens: Ensemble, paths: Sequence[str], *, tta: bool = False, batch_size: i
     """
     from tqdm.auto import tqdm
 
+    if getattr(ens, "backend", None) == "onnx":  # OnnxClassifier: its own overlapped decoding
+        if tta or features:
+            raise ValueError("the onnx backend predicts plain images only: no --tta, no fitting")
+        return ens.predict_paths(paths, batch_size, max(workers, 1), progress=progress).to_torch()
     loader = DataLoader(ImageInputs(paths, ens), batch_size=batch_size, num_workers=workers,
                         collate_fn=collate, shuffle=False)
     index, outs, feats, skipped = [], [], [], []

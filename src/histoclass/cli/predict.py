@@ -23,6 +23,8 @@ def predict(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1..."),
     refer_threshold: float = typer.Option(
         None, help="Flag refer=1 above this member disagreement (default: the ensemble's)."),
+    backend: str = typer.Option("torch", help="torch | onnx (MODEL is then a .onnx file from "
+                                "histoclass export, run with ONNX Runtime)."),
 ) -> None:
     """Predict images, folders or a manifest split with a checkpoint or an ensemble."""
     from histoclass.models.checkpoint import CheckpointError
@@ -38,7 +40,14 @@ def predict(
     with user_errors(CheckpointError):
         if (manifest is None) == (not inputs):
             raise ValueError("give either --manifest or image files/folders, not both or neither")
-        ens = load_model_file(model, resolve_device(device))
+        if backend == "onnx" or str(model).endswith(".onnx"):
+            from histoclass.onnx_backend import OnnxClassifier
+
+            ens = OnnxClassifier(model)
+        elif backend == "torch":
+            ens = load_model_file(model, resolve_device(device))
+        else:
+            raise ValueError(f"unknown backend {backend!r}; choose torch or onnx")
         kw = {"tta": tta, "batch_size": batch_size, "workers": workers,
               "refer_threshold": refer_threshold, "progress": True}
         if manifest is not None:
