@@ -12,7 +12,7 @@ second per image). The three methods are a few hundred lines of numpy, follow St
 definitions (luminosity tissue mask, 99th-percentile concentration matching, non-negative
 Lasso concentrations) and are checked against it in ``benchmarks/stain_speed.py``. Vahadane's
 sparse non-negative factorisation is solved exactly for two stains in closed form per pixel,
-which makes it more than 10x faster than StainTools (see ``docs/benchmarks-stain.md``).
+which makes it more than 10x faster than StainTools (see ``docs/benchmarks.md``, stain section).
 
 No torch, OpenCV or scikit-image here: numpy only.
 
