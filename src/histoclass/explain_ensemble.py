@@ -80,25 +80,11 @@ def load_member(path: str, weight: float = 1.0) -> tuple[Member, dict[str, Any]]
     """A member checkpoint as a :class:`Member` (with its stain normaliser) and its metadata."""
     from pathlib import Path
 
-    from histoclass.models import load_checkpoint, preprocess_of
+    from histoclass.models.checkpoint import load_checkpoint, preprocess_of, stain_of
 
     model, meta = load_checkpoint(path)
     return Member(Path(path).stem, model, preprocess_of(meta), weight, stain_of(meta, path)), meta
 
-
-def stain_of(meta: dict[str, Any], where: str = "checkpoint") -> Any:
-    """The checkpoint's fitted stain normaliser, or ``None`` when it was trained without one."""
-    if meta.get("stain") is None:
-        return None
-    try:
-        from histoclass.stain import from_dict
-    except ImportError as exc:
-        method = meta["stain"].get("method", "?") if isinstance(meta["stain"], dict) else "?"
-        raise ValueError(
-            f"{where} was trained with {method} stain normalisation but histoclass.stain is not "
-            f"available ({exc}); install a histoclass with stain support"
-        ) from None
-    return from_dict(meta["stain"])
 
 
 def ensemble_members(ens: Any) -> tuple[list[Member], Any]:

@@ -120,7 +120,7 @@ class OnnxClassifier:
         stain = json.loads(meta.get("stain", "null"))
         self.stain = None
         if stain:
-            from histoclass.torch_engine import stain_of
+            from histoclass.models.checkpoint import stain_of
 
             self.stain = stain_of({"stain": stain}, self.path)
         self.outputs = [o.name for o in self.session.get_outputs()]

@@ -14,20 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from histoclass.models.checkpoint import CheckpointError, load_checkpoint, preprocess_of
-
-
-def stain_of(meta: dict[str, Any], where: str | Path = "checkpoint") -> Any:
-    """The checkpoint's fitted stain normaliser, or ``None`` when it was trained without one."""
-    if not meta.get("stain"):
-        return None
-    try:
-        from histoclass.stain import from_dict
-    except ImportError as exc:
-        raise CheckpointError(
-            f"{where}: trained with stain normalisation ({meta['stain'].get('method', '?')}) but "
-            f"histoclass.stain cannot be imported ({exc})") from None
-    return from_dict(meta["stain"])
+from histoclass.models.checkpoint import load_checkpoint, preprocess_of, stain_of
 
 
 class _Member(NamedTuple):

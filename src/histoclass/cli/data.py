@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from histoclass.cli._common import user_errors
+from histoclass.cli._common import report_skipped, user_errors
 
 
 def split(
@@ -39,14 +39,7 @@ def split(
         frame = make_split(result.frame, protocol, seed=seed, val=val, test=test, folds=folds,
                            magnifications=magnification or None)
         path = write_manifest(frame, Path(out) / "manifest.csv")
-    if result.skipped:
-        import pandas as pd
-
-        skipped = pd.DataFrame(result.skipped, columns=["path", "reason"])
-        write_manifest(skipped, Path(out) / "skipped.csv")
-        typer.secho(f"skipped {len(result.skipped)} file(s):", fg=typer.colors.YELLOW)
-        for p, reason in result.skipped:
-            typer.echo(f"  {p}: {reason}")
+    report_skipped(result.skipped, out)
     for group in result.duplicates:
         typer.secho(f"duplicate images: {', '.join(group)}", fg=typer.colors.YELLOW)
     for col in split_columns(frame):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from histoclass.cli._common import user_errors
+from histoclass.cli._common import report_skipped, user_errors
 
 
 def stain(
@@ -29,10 +29,9 @@ def stain(
     all its columns). Unreadable images are reported by name and skipped; images with too little
     tissue are copied unchanged, with a warning naming them.
     """
-    import pandas as pd
 
     from histoclass import stain as st
-    from histoclass.data import ImageLoadError, ScanError, load_rgb, write_manifest
+    from histoclass.data import ImageLoadError, ScanError, load_rgb
     from histoclass.data.images import to_array
     from histoclass.stain.batch import normalize_dataset
 
@@ -49,12 +48,7 @@ def stain(
                 names = ", ".join(map(str, target))
                 raise ValueError(f"{exc} (targets, from 0: {names})") from None
         result = normalize_dataset(data, normalizer, out, workers=workers, progress=True)
-    if result.skipped:
-        skipped = pd.DataFrame(result.skipped, columns=["path", "reason"])
-        write_manifest(skipped, Path(out) / "skipped.csv")
-        typer.secho(f"skipped {len(result.skipped)} file(s):", fg=typer.colors.YELLOW)
-        for p, reason in result.skipped:
-            typer.echo(f"  {p}: {reason}")
+    report_skipped(result.skipped, out)
     if result.unchanged:
         typer.secho(f"passed through unchanged: {len(result.unchanged)} file(s):",
                     fg=typer.colors.YELLOW)

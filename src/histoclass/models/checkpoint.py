@@ -132,3 +132,20 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def stain_of(meta: dict[str, Any], where: str | Path = "checkpoint") -> Any:
+    """The fitted stain normaliser a checkpoint was trained with, or ``None``.
+
+    Every consumer of checkpoints (predict, explain, export, serve) goes through this, so all
+    apply exactly the normaliser training used.
+    """
+    if not meta.get("stain"):
+        return None
+    try:
+        from histoclass.stain import from_dict
+    except ImportError as exc:
+        raise CheckpointError(
+            f"{where}: trained with stain normalisation ({meta['stain'].get('method', '?')}) but "
+            f"histoclass.stain cannot be imported ({exc})") from None
+    return from_dict(meta["stain"])

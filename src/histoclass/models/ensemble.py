@@ -50,6 +50,7 @@ from histoclass.models.checkpoint import (
     file_sha256,
     load_checkpoint,
     preprocess_of,
+    stain_of,
 )
 from histoclass.models.concat import ConcatHead, features_and_logits
 from histoclass.models.voting import METHODS, combine, dihedral, disagreement, stack_features
@@ -82,19 +83,6 @@ class Output(NamedTuple):
     members: torch.Tensor  # [M, N, C]
     disagreement: torch.Tensor  # [N]
 
-
-def stain_of(meta: dict[str, Any], path: str | Path = "") -> Any:
-    """The fitted stain normaliser a checkpoint was trained with, or ``None``."""
-    if not meta.get("stain"):
-        return None
-    try:
-        from histoclass.stain import from_dict
-    except ImportError as exc:
-        raise CheckpointError(
-            f"{path}: trained with stain normalisation ({meta['stain'].get('method', '?')}) but "
-            f"histoclass.stain cannot be imported ({exc})"
-        ) from None
-    return from_dict(meta["stain"])
 
 
 def load_member(path: str | Path, name: str | None = None, device: str = "cpu") -> Member:
