@@ -83,3 +83,26 @@ def test_demo_runs_end_to_end(tmp_path):
         "--epochs", "1", "--image-size", "64", "--no-pretrained"])
     assert res.exit_code == 0, res.output
     assert "report:" in res.output and (tmp_path / "eval" / "soft" / "report.html").is_file()
+
+
+def test_stain_comparison_variants_train_and_tabulate(tmp_path):
+    """The stain-comparison config's shape: one model, four preprocessing variants, one split."""
+    from histoclass.data.manifest import sample_path
+    from histoclass.models.checkpoint import read_checkpoint
+
+    target = str(sorted(sample_path("ucsb").rglob("*.jpg"))[0])
+    cfg = RunConfig(
+        data="sample:ucsb", out=str(tmp_path), train=FAST, evaluate={"bootstrap": 0},
+        split={"protocol": "patient", "seed": 0, "val": 0.3, "test": 0.3},
+        members=[{"name": "none", "model": "test_efficientnet"},
+                 {"name": "macenko", "model": "test_efficientnet", "stain": "macenko",
+                  "stain_target": target},
+                 {"name": "vahadane", "model": "test_efficientnet", "stain": "vahadane",
+                  "stain_target": target},
+                 {"name": "hed", "model": "test_efficientnet", "hed_jitter": 0.05}])
+    summary = run(cfg)
+    assert summary["model"].tolist() == ["none", "macenko", "vahadane", "hed"]
+    methods = {n: (read_checkpoint(tmp_path / "members" / n / "best.pt")["meta"]["stain"] or {})
+               .get("method") for n in summary["model"]}
+    assert methods == {"none": None, "macenko": "macenko", "vahadane": "vahadane", "hed": None}
+    assert summary["accuracy"].notna().all()
