@@ -148,7 +148,12 @@ def test_bad_settings_name_valid_choices(manifest, tmp_path):
 def test_stain_option_without_stain_module(manifest, tmp_path, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "histoclass.stain", None)  # import now raises ImportError
+    import histoclass
+
+    # Both import forms must fail: ``import histoclass.stain`` (sys.modules) and
+    # ``from histoclass import stain`` (the package attribute, set once any test imported it).
+    monkeypatch.setitem(sys.modules, "histoclass.stain", None)
+    monkeypatch.delattr(histoclass, "stain", raising=False)
     target = pd.read_csv(manifest)["path"][0]
     with pytest.raises(ValueError, match="stain normalization is not available"):
         train(tiny(manifest, tmp_path / "s", stain="reinhard", stain_target=target))
