@@ -18,18 +18,9 @@ from histoclass.models import (
     save_checkpoint,
 )
 from histoclass.models.members import member_table
-from train_helpers import synthetic_manifest
+from train_helpers import one_thread, synthetic_manifest  # noqa: F401 (autouse fixture)
 
 TINY = "test_efficientnet"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads cost 10-30x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_member_table_lists_the_ten_members():

@@ -19,19 +19,10 @@ from histoclass.cli import app
 from histoclass.models import read_checkpoint
 from histoclass.train import NonFiniteLossError, TrainConfig, train
 from histoclass.train_all import train_all
-from train_helpers import synthetic_manifest
+from train_helpers import one_thread, synthetic_manifest  # noqa: F401 (autouse fixture)
 
 TINY = "test_efficientnet"
 SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads cost 10-30x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
+import torch
 from PIL import Image
 
 CODES = {"benign": ("B", "A", "adenosis"), "malignant": ("M", "DC", "ductal_carcinoma")}
@@ -40,3 +42,12 @@ def synthetic_manifest(root: Path, n_train: int = 16, n_val: int = 8, n_test: in
     manifest = root / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, spinning OpenMP threads cost 10-30x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
