@@ -31,6 +31,7 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 def labelled_images(manifest: Path, splits: set[str]) -> tuple[list[Path], list[str]]:
+    """Paths and labels of the manifest rows in ``splits``."""
     from histoclass.data import read_manifest
 
     frame = read_manifest(manifest)
@@ -39,13 +40,15 @@ def labelled_images(manifest: Path, splits: set[str]) -> tuple[list[Path], list[
 
 
 def breakhis_images() -> tuple[list[Path], list[str]]:
+    """The real BreakHis sample's images with the label their file names carry."""
     from histoclass.data.breakhis import parse_name
 
-    paths = sorted((SHARED / "breakhis-sample").rglob("*.png"))
-    return paths, [parse_name(p.name).label for p in paths]
+    named = [(p, parse_name(p.name)) for p in sorted((SHARED / "breakhis-sample").rglob("*.png"))]
+    return [p for p, n in named if n], [n.label for _, n in named if n]
 
 
 def compare(int8: Path, paths: list[Path], labels: list[str], threads: int) -> dict[str, float]:
+    """INT8 vs its FP32 twin on ``paths``: class agreement, P(malignant) change, accuracies."""
     from histoclass.onnx_backend import OnnxClassifier
 
     c8 = OnnxClassifier(int8, threads=threads)
@@ -61,6 +64,7 @@ def compare(int8: Path, paths: list[Path], labels: list[str], threads: int) -> d
 
 
 def throughput(int8: Path, paths: list[Path], threads: int, repeat: int) -> tuple[float, float]:
+    """Best FP32 and INT8 images/s over ``repeat`` interleaved rounds of batches of 16."""
     from histoclass.onnx_backend import OnnxClassifier
 
     clfs = [OnnxClassifier(f, threads=threads)

@@ -68,3 +68,17 @@ def index_batch(n: int) -> torch.Tensor:
     x = torch.zeros(n, 3, 2, 2)
     x[:, 0, 0, 0] = torch.arange(n, dtype=torch.float32)
     return x
+
+
+def make_member(path: Path, size: int = 64, seed: int = 0, bias: list[float] | None = None,
+                zero: bool = True) -> Path:
+    """A tiny checkpoint; ``bias`` sets the head's bias (and zeroes its weights if ``zero``)."""
+    torch.manual_seed(seed)
+    model = create_model("test_efficientnet", 2, pretrained=False)
+    if bias is not None:
+        if zero:
+            model.get_classifier().weight.data.zero_()
+        model.get_classifier().bias.data = torch.tensor(bias)
+    meta = member_meta("test_efficientnet", "test_efficientnet", ["benign", "malignant"],
+                       model_preprocess(model, size))
+    return save_checkpoint(path, model, meta)

@@ -15,31 +15,12 @@ pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
 import onnx
 
 import histoclass
+from helpers_predict import make_member
 from histoclass.cli import app
 from histoclass.data.manifest import sample_path
-from histoclass.models import (
-    create_model,
-    member_meta,
-    model_preprocess,
-    save_checkpoint,
-)
 from histoclass.onnx_backend import OnnxClassifier
 
 SAMPLES = sorted(sample_path("breakhis").glob("*.png"))
-
-
-def make_member(path: Path, size: int = 64, seed: int = 0, bias: list[float] | None = None,
-                zero: bool = True) -> Path:
-    """A tiny checkpoint; ``bias`` sets the head's bias (and zeroes its weights if ``zero``)."""
-    torch.manual_seed(seed)
-    model = create_model("test_efficientnet", 2, pretrained=False)
-    if bias is not None:
-        if zero:
-            model.get_classifier().weight.data.zero_()
-        model.get_classifier().bias.data = torch.tensor(bias)
-    meta = member_meta("test_efficientnet", "test_efficientnet", ["benign", "malignant"],
-                       model_preprocess(model, size))
-    return save_checkpoint(path, model, meta)
 
 
 @pytest.fixture(scope="module")
@@ -108,58 +89,6 @@ def test_float_input_export_still_reads(exported, tmp_path):
     assert np.abs(x - torch_x.numpy()).max() < 1e-5  # numpy normalisation = Preprocess's
     assert np.abs(old.predict_batch(x) - new.predict_batch(new.preprocess_paths(SAMPLES))
                   ).max() < 1e-5
-
-
-def test_int8_model_is_quantised_and_close(exported):
-    clf = OnnxClassifier(exported[1], threads=1)
-    ops = {n.op_type for n in onnx.load(str(exported[1])).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    from histoclass.quantize import stem_convs
-
-    graph = onnx.load(str(exported[1])).graph
-    producer = {o: n.op_type for n in graph.node for o in n.output}
-    (stem,) = stem_convs(onnx.load(str(exported[1])))
-    node = {n.name: n for n in graph.node}
-    assert producer[node[stem].input[0]] != "DequantizeLinear"  # the stem reads float pixels
-    # SiLU and squeeze-excitation run in int8: every Sigmoid and body Mul reads dequantised
-    # tensors (ORT fuses DQ -> op -> Q into QLinearSigmoid / QLinearMul), and the spatial
-    # means became GlobalAveragePool; the classifier's output and the softmax stay float.
-    sig = [n for n in graph.node if n.op_type == "Sigmoid"]
-    assert sig and all(producer[n.input[0]] == "DequantizeLinear" for n in sig)
-    assert "GlobalAveragePool" in producer.values() and "ReduceMean" not in producer.values()
-    (soft,) = [n for n in graph.node if n.op_type == "Softmax"]
-    assert producer[soft.input[0]] == "Gemm"
-    fp32 = OnnxClassifier(exported[1].with_name("m.fp32.onnx"), threads=1)
-    x = fp32.preprocess_paths(SAMPLES)
-    p8, p32 = clf.predict_batch(x), fp32.predict_batch(x)
-    assert np.allclose(p8.sum(1), 1, atol=1e-5)
-    assert np.abs(p8 - p32).max() < 0.05  # a random tiny net: loose, but not arbitrary
-
-
-def test_spatial_means_become_global_pools():
-    """Only a keepdims mean over H, W is a GlobalAveragePool; values are unchanged."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    from histoclass.quantize import spatial_means_to_pool
-
-    axes = helper.make_tensor("hw", TensorProto.INT64, [2], [2, 3])
-    chw = helper.make_tensor("chw", TensorProto.INT64, [3], [1, 2, 3])
-    nodes = [helper.make_node("ReduceMean", ["x", "hw"], ["a"], keepdims=1),
-             helper.make_node("ReduceMean", ["x", "hw"], ["b"], keepdims=0),
-             helper.make_node("ReduceMean", ["x", "chw"], ["c"], keepdims=1)]
-    vi = helper.make_tensor_value_info
-    graph = helper.make_graph(nodes, "g", [vi("x", TensorProto.FLOAT, [2, 3, 4, 5])],
-                              [vi(o, TensorProto.FLOAT, None) for o in "abc"], [axes, chw])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    x = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
-    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
-    assert spatial_means_to_pool(model) == 1
-    assert [n.op_type for n in model.graph.node] == ["GlobalAveragePool", "ReduceMean",
-                                                     "ReduceMean"]
-    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
-    for a, b in zip(before, after, strict=True):
-        assert np.allclose(a, b, atol=1e-6)
 
 
 @pytest.mark.parametrize(("workers", "executor"), [(0, "thread"), (2, "thread"), (2, "process")])

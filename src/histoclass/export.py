@@ -64,7 +64,7 @@ class ExportModule(nn.Module):
         self.sizes = [tuple(m.preprocess.input_size) for m in members]
         mean0, std0 = torch.tensor(main.preprocess.mean), torch.tensor(main.preprocess.std)
         self.uint8_input = uint8_input
-        # (v / 255 - mean) / std as one multiply-add, the arithmetic Preprocess.normalize does.
+        # (v / 255 - mean) / std as one multiply-add: Preprocess.normalize's result to ~1e-7.
         self.register_buffer("in_scale", (1.0 / (255.0 * std0)).view(1, 3, 1, 1))
         self.register_buffer("in_shift", (mean0 / std0).view(1, 3, 1, 1))
         self.renorm: list[tuple[torch.Tensor, torch.Tensor] | None] = []
