@@ -137,6 +137,32 @@ def speed(args: argparse.Namespace, paths: list[Path]) -> None:
     print(f"INT8 / FP32 (backend): {gain:.2f}x")
 
 
+def backend_ratio(args: argparse.Namespace, paths: list[Path]) -> None:
+    """The backend-vs-raw ratio alone, ``--ratio-reps`` times: its spread across repetitions
+    shows how much of a single table's ratio is the shared machine's noise."""
+    import onnxruntime as ort
+
+    work, arch = args.work, args.arch
+    clf = OnnxClassifier(work / f"{arch}.fp32.onnx", threads=args.threads)
+    spin = OnnxClassifier(work / f"{arch}.fp32.onnx", threads=args.threads, allow_spinning=True)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    raw = ort.InferenceSession(str(work / f"{arch}.bare.onnx"), opts,
+                               providers=["CPUExecutionProvider"])
+    decoded = [decode(str(p), clf.preprocess) for p in paths[:args.n]]
+    batches = [np.stack(decoded[i:i + args.batch]) for i in range(0, len(decoded), args.batch)]
+    tensors = [clf.normalize(x) for x in batches]
+    print(f"\nbackend / raw ORT, {arch}, batch {args.batch}, best of {args.repeat} per repetition")
+    for rep in range(args.ratio_reps):
+        r = interleaved({
+            "raw": lambda: sum(len(raw.run(None, {"image": x})[0]) for x in tensors),
+            "backend": lambda: sum(len(clf.run_batch(x)[0]) for x in batches),
+            "spin": lambda: sum(len(spin.run_batch(x)[0]) for x in batches)}, args.repeat)
+        print(f"rep {rep + 1}: raw {r['raw']:.1f} img/s, backend {r['backend']:.1f} "
+              f"({r['backend'] / r['raw']:.3f}x), spinning {r['spin']:.1f} "
+              f"({r['spin'] / r['raw']:.3f}x)")
+
+
 def int8_speed(args: argparse.Namespace, paths: list[Path]) -> None:
     """FP32 vs INT8 backend throughput for each of ``--int8-archs`` (random weights)."""
     print(f"\nINT8 vs FP32, ORT backend from decoded uint8, batch {args.batch}, "
@@ -201,12 +227,16 @@ def main() -> None:
     ap.add_argument("--int8-archs", nargs="*",
                     default=["efficientnet_b0", "tf_efficientnetv2_b0", "efficientnet_lite0"],
                     help="Architectures for the INT8-vs-FP32 table (none: skip it).")
+    ap.add_argument("--ratio-reps", type=int, default=4,
+                    help="Repetitions of the backend-vs-raw comparison (0: skip).")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise SystemExit(f"no images in {args.images}")
     speed(args, paths)
+    if args.ratio_reps:
+        backend_ratio(args, paths)
     if args.int8_archs:
         int8_speed(args, paths)
     if not args.skip_accuracy:
