@@ -24,10 +24,12 @@ for _module in (data, stain, train, predict, explain, evaluate, serve, pipeline)
 
 @app.callback()
 def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # Our INFO lines are the progress a user reads; other libraries' (the ONNX exporter's
+    # initializer passes, HTTP clients) only at WARNING, unless --verbose.
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("histoclass").setLevel(level)
 
 
 def main() -> None:
