@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from histoclass.data.breakhis import LABELS, MAGNIFICATIONS, SUBTYPES
-from histoclass.data.manifest import leaks_patients
+from histoclass.data.manifest import leaks_patients, read_table
 from histoclass.metrics import (
     METRICS,
     binary_metrics,
@@ -92,12 +92,7 @@ def read_predictions(path: str | Path, split: str = "test") -> tuple[pd.DataFram
         The rows (column ``y`` holds the true class index) and the task.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"predictions file {path} does not exist")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in REQUIRED if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: not a predictions CSV, missing column(s) {missing}")
+    frame = read_table(path, REQUIRED, "predictions file", "predictions CSV")
     task = detect_task(list(frame.columns), str(path))
     for col in ("magnification", "protocol", "split", task.label_column):
         if col not in frame.columns:

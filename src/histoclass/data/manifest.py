@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -46,15 +47,22 @@ def write_manifest(frame: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def read_table(path: Path, required: Sequence[str], file: str, kind: str) -> pd.DataFrame:
+    """A CSV as strings (empty cells stay ""), with the ``required`` columns; errors call it
+    a ``file`` when it is absent and say it is not a ``kind`` when columns are missing."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{file} {path} does not exist")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: not a {kind}, missing column(s) {missing}")
+    return frame
+
+
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read a manifest; relative image paths are taken relative to the manifest's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in REQUIRED if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: not a manifest, missing column(s) {missing}")
+    frame = read_table(path, REQUIRED, "manifest", "manifest")
     base = path.resolve().parent
     frame["path"] = [p if os.path.isabs(p) else str(base / p) for p in frame["path"]]
     return frame

@@ -77,15 +77,19 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     return atomic_save({"state_dict": state, "meta": full}, path)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file safely (``weights_only=True``) and check its format."""
+def load_file(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` of ``path``; errors call the file a ``what``."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors of many kinds
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from None
+        raise CheckpointError(f"{path}: not a readable {what} ({exc})") from None
+
+
+def check_checkpoint(obj: Any, path: str | Path) -> dict[str, Any]:
+    """``obj`` (a loaded ``path``) if it is a histoclass checkpoint this version understands."""
     meta = obj.get("meta") if isinstance(obj, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a histoclass checkpoint (no '{FORMAT}' metadata)")
@@ -95,6 +99,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"histoclass understands ({VERSION}); upgrade histoclass"
         )
     return obj
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file safely (``weights_only=True``) and check its format."""
+    return check_checkpoint(load_file(path), path)
 
 
 def build_model(meta: dict[str, Any]) -> nn.Module:
@@ -108,7 +117,12 @@ def build_model(meta: dict[str, Any]) -> nn.Module:
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
                     ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a member checkpoint in eval mode, and return it with its metadata."""
-    obj = read_checkpoint(path)
+    return model_from(read_checkpoint(path), path, device)
+
+
+def model_from(obj: dict[str, Any], path: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """:func:`load_checkpoint` for an already read and checked checkpoint ``obj`` of ``path``."""
     meta = obj["meta"]
     if meta.get("kind") != "member":
         raise CheckpointError(f"{path}: a {meta.get('kind')!r} file, not a member checkpoint")

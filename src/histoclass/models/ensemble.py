@@ -47,8 +47,11 @@ from histoclass.data.transforms import Preprocess
 from histoclass.models.checkpoint import (
     CheckpointError,
     atomic_save,
+    check_checkpoint,
     file_sha256,
     load_checkpoint,
+    load_file,
+    model_from,
     preprocess_of,
     stain_of,
 )
@@ -85,9 +88,12 @@ class Output(NamedTuple):
 
 
 
-def load_member(path: str | Path, name: str | None = None, device: str = "cpu") -> Member:
-    """A member checkpoint as a :class:`Member` (named after its ``arch`` by default)."""
-    model, meta = load_checkpoint(path, device)
+def load_member(path: str | Path, name: str | None = None, device: str = "cpu",
+                checkpoint: dict[str, Any] | None = None) -> Member:
+    """A member checkpoint as a :class:`Member` (named after its ``arch`` by default);
+    ``checkpoint`` is the file's checked content if the caller has already read it."""
+    model, meta = (load_checkpoint(path, device) if checkpoint is None
+                   else model_from(checkpoint, path, device))
     return Member(name or meta["arch"], model, meta, preprocess_of(meta), stain_of(meta, path))
 
 
@@ -223,14 +229,10 @@ def _member_file(path: Path, entry: dict[str, Any]) -> Path:
 def load_model_file(path: str | Path, device: str = "cpu") -> Ensemble:
     """Load a member checkpoint (as an ensemble of one) or an ensemble file, in eval mode."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"model file {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors of many kinds
-        raise CheckpointError(f"{path}: not a readable model file ({exc})") from None
+    obj = load_file(path, "model file")
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
-        member = load_member(path, device=device)  # checks the checkpoint format itself
+        # Read once: a member checkpoint is checked and rebuilt from what was just loaded.
+        member = load_member(path, device=device, checkpoint=check_checkpoint(obj, path))
         return Ensemble([member], "single", member_paths=[path]).to(device)
     if obj.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: ensemble format version {obj['version']} is newer than "
