@@ -215,3 +215,20 @@ def test_nothing_readable_is_an_error_and_still_reported(trained, tmp_path):
         str(tmp_path / "empty"): "empty folder",
         str(tmp_path / "bad.png"): "corrupt or truncated image (PNG header, undecodable data)",
     }
+
+
+def test_unreadable_model_files_are_named_without_unsafe_advice(tmp_path):
+    """A text file and a broken zip each get a message naming the file; torch's advice to
+    retry with weights_only=False (arbitrary code execution) is not passed on."""
+    from histoclass.models.ensemble import load_model_file
+
+    (tmp_path / "notes.pt").write_text("not a model\n")
+    with pytest.raises(CheckpointError, match=r"notes\.pt: not a readable model file \(not a "
+                       r"PyTorch file, or one holding objects other than tensors") as err:
+        load_model_file(tmp_path / "notes.pt")
+    assert "weights_only" not in str(err.value)
+    (tmp_path / "broken.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError, match=r"broken\.pt: not a readable model file \("):
+        load_model_file(tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match=r"model file .*absent\.pt does not exist"):
+        load_model_file(tmp_path / "absent.pt")

@@ -85,7 +85,18 @@ def load_file(path: str | Path, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors of many kinds
-        raise CheckpointError(f"{path}: not a readable {what} ({exc})") from None
+        raise CheckpointError(f"{path}: not a readable {what} ({_load_reason(exc)})") from None
+
+
+def _load_reason(exc: Exception) -> str:
+    """The cause in torch's load error, without its advice to retry with weights_only=False
+    (which would run arbitrary code from an untrusted file)."""
+    text = str(exc).strip()
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0]
+        return ("not a PyTorch file, or one holding objects other than tensors and plain "
+                f"types: {detail.strip()}")
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def check_checkpoint(obj: Any, path: str | Path) -> dict[str, Any]:
