@@ -143,6 +143,27 @@ def _from_hub(name: str, num_classes: int, drop_rate: float) -> nn.Module:
         ) from None
 
 
+def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """The torch device for ``--device NAME``: the one resolver of every command and the API.
+
+    ``auto`` is this process's GPU when there is one, else the CPU; ``cuda`` is the GPU of
+    ``local_rank`` (one per process under ``torchrun``).
+
+    Raises:
+        ValueError: An unknown name, or a CUDA device on a machine without CUDA.
+    """
+    name = str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    return torch.device(name)
+
+
 def model_preprocess(model: nn.Module, image_size: int | None = None) -> Preprocess:
     """The model's own preprocessing (timm data config), optionally at another size."""
     import timm
