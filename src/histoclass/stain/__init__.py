@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoclass.stain._base import Normalizer, from_dict
+from histoclass.stain._base import FORMAT, Normalizer
 from histoclass.stain.macenko import MacenkoNormalizer
 from histoclass.stain.reinhard import ReinhardNormalizer
 from histoclass.stain.vahadane import VahadaneNormalizer
@@ -62,6 +62,26 @@ def fit(method: str, targets: list[np.ndarray] | np.ndarray) -> Normalizer:
         ValueError: Unknown method, bad image, or a target with too little tissue.
     """
     return create(method).fit(targets)
+
+
+def from_dict(d: dict) -> Normalizer:
+    """Rebuild a fitted normalizer from :meth:`Normalizer.to_dict` output (exact round trip).
+
+    Raises:
+        ValueError: Unknown method or format, or missing fields.
+    """
+    method = d.get("method") if isinstance(d, dict) else None
+    if method not in _CLASSES:
+        raise ValueError(f"unknown stain method {method!r}; choose one of {', '.join(METHODS)}")
+    if d.get("format") != FORMAT:
+        raise ValueError(f"unsupported stain target format {d.get('format')!r}; expected {FORMAT}")
+    try:
+        obj = _CLASSES[method](float(d["luminosity_threshold"]), float(d["min_tissue"]))
+        obj._from_params(d)
+    except KeyError as exc:
+        raise ValueError(f"{method} stain target is missing field {exc.args[0]!r}") from None
+    obj.fitted = True
+    return obj
 
 
 def save(normalizer: Normalizer, path: str | Path) -> Path:

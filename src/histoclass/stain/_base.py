@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -19,7 +19,6 @@ from histoclass.stain._optical import check_image, tissue_mask
 log = logging.getLogger("histoclass.stain")
 
 FORMAT = 1  # bump when to_dict's layout changes incompatibly
-_REGISTRY: dict[str, type[Normalizer]] = {}
 
 
 class Normalizer:
@@ -40,11 +39,6 @@ class Normalizer:
         self.luminosity_threshold = float(luminosity_threshold)
         self.min_tissue = float(min_tissue)
         self.fitted = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.method:  # shared intermediate classes have no method of their own
-            _REGISTRY[cls.method] = cls
 
     # -- fitting -------------------------------------------------------------------------------
     def fit(self, targets: list[np.ndarray] | np.ndarray) -> Normalizer:
@@ -136,31 +130,6 @@ class Normalizer:
 
     def _from_params(self, d: dict) -> None:
         raise NotImplementedError
-
-
-def from_dict(d: dict) -> Normalizer:
-    """Rebuild a fitted normalizer from :meth:`Normalizer.to_dict` output (exact round trip).
-
-    Raises:
-        ValueError: Unknown method or format, or missing fields.
-    """
-    method = d.get("method") if isinstance(d, dict) else None
-    if method not in _REGISTRY:
-        raise ValueError(f"unknown stain method {method!r}; choose one of {', '.join(_REGISTRY)}")
-    if d.get("format") != FORMAT:
-        raise ValueError(f"unsupported stain target format {d.get('format')!r}; expected {FORMAT}")
-    try:
-        obj = _REGISTRY[method](float(d["luminosity_threshold"]), float(d["min_tissue"]))
-        obj._from_params(d)
-    except KeyError as exc:
-        raise ValueError(f"{method} stain target is missing field {exc.args[0]!r}") from None
-    obj.fitted = True
-    return obj
-
-
-def registry() -> dict[str, type[Normalizer]]:
-    """Normalizer classes by method name."""
-    return dict(_REGISTRY)
 
 
 def as_floats(a: np.ndarray) -> list:
