@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from histoclass import train_utils as tu
 from histoclass.models import MEMBERS, create_model, model_preprocess
+from histoclass.train import epoch as tu
 
 
 def step_rate(name: str, device: torch.device, batch: int, steps: int, warmup: int,

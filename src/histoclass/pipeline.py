@@ -94,8 +94,7 @@ def make_manifest(cfg: RunConfig) -> Path:
 
 def train_members(cfg: RunConfig, manifest: Path, fold: int | None, base: Path) -> list[Path]:
     """Train (or skip when finished) every member of one fold; returns their best.pt files."""
-    from histoclass.train import TrainConfig, train
-    from histoclass.train_all import finished
+    from histoclass.train import TrainConfig, finished, train
 
     paths = []
     for name, settings in member_specs(cfg):

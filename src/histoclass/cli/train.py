@@ -125,7 +125,7 @@ def train_all(
 ) -> None:
     """Train several members in turn into OUT/<name>/, skipping finished runs."""
     from histoclass.train import TrainConfig
-    from histoclass.train_all import train_all as run_all
+    from histoclass.train import train_all as run_all
 
     names = [m.strip() for m in models_.split(",") if m.strip()]
     base = TrainConfig(

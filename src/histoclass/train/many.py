@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from histoclass import distributed
-from histoclass.train import TrainConfig, train
+from histoclass.train import distributed
+from histoclass.train.config import TrainConfig
+from histoclass.train.loop import train
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from histoclass.models import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -38,21 +40,16 @@ class Dist:
         return self.world > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this process's GPU if there is one, else CPU; other names pass through."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    return torch.device(name)
-
-
 def setup(device: str = "auto") -> Dist:
-    """Join the process group when launched by ``torchrun`` with several processes."""
+    """Join the process group when launched by ``torchrun`` with several processes.
+
+    Args:
+        device: ``--device`` name; ``auto`` and ``cuda`` mean this process's GPU
+            (``LOCAL_RANK``), see :func:`histoclass.models.resolve_device`.
+
+    Raises:
+        ValueError: An unknown device name, or CUDA asked for where there is none.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -90,11 +87,3 @@ def mean_across(value: float, d: Dist) -> float:
     dist.all_reduce(t)
     return float(t.item()) / d.world
 
-
-def broadcast(obj: Any, d: Dist) -> Any:
-    """Rank 0's ``obj`` on every process."""
-    if not d.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

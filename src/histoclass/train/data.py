@@ -1,49 +1,102 @@
 """The data side of a training run: manifest rows, datasets, loaders, balancing, stain step.
 
 Only the manifest's ``train`` and ``val`` rows are kept; ``test`` rows are dropped here, before
-any image is opened, so a run can never look at the test set.
+any image is opened, so a run can never look at the test set. Each epoch's order and
+augmentation seeds come from (seed, epoch), so a resumed run replays the epochs it continues.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Sampler, Subset
 
-from histoclass import distributed
-from histoclass import train_utils as tu
 from histoclass.data import LABELS, SUBTYPES, load_rgb, read_manifest, select
+from histoclass.train.config import TrainConfig
+from histoclass.train.distributed import Dist
 
 if TYPE_CHECKING:
     from histoclass.data.transforms import Preprocess
-    from histoclass.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
 TASKS = {"binary": (LABELS, "label"), "subtype": (SUBTYPES, "subtype")}
 
 
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A seed for one (run seed, epoch, process): resuming at an epoch replays it exactly."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled (or class-balanced) indices, fixed by seed and epoch, sharded over processes.
+
+    Every process draws the same permutation from ``(seed, epoch)`` and takes every
+    ``world``-th index, padded so all processes run the same number of batches (DDP needs that).
+
+    Args:
+        n: Dataset length.
+        seed: Run seed.
+        rank: This process's rank.
+        world: Number of processes.
+        weights: Per-item sampling weights (balanced sampling, with replacement); ``None``
+            for a plain permutation.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1,
+                 weights: Sequence[float] | None = None) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order :meth:`__iter__` yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        if self.weights is not None:
+            idx = torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        else:
+            idx = torch.randperm(self.n, generator=g)
+        idx = idx.tolist()
+        idx += idx[: len(self) * self.world - self.n]
+        return iter(idx[self.rank::self.world])
+
+
+def class_weights(targets: Sequence[int], n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights ``n / (C * count)``, 0 for classes absent from training."""
+    counts = torch.bincount(torch.as_tensor(targets), minlength=n_classes).double()
+    w = torch.where(counts > 0, len(targets) / (n_classes * counts.clamp_min(1)), 0.0)
+    return w.float()
+
+
 def fit_stain(method: str, target: str) -> Any:
-    """Fit ``histoclass.stain``'s ``method`` to the target image (lazy: optional module)."""
-    try:
-        from histoclass import stain
-    except ImportError:
-        raise ValueError("stain normalization is not available in this installation "
-                         "(histoclass.stain is missing); drop --stain") from None
+    """Fit ``histoclass.stain``'s ``method`` to the target image.
+
+    Raises:
+        ValueError: ``method`` is not one of ``histoclass.stain.METHODS``.
+    """
+    from histoclass import stain  # only runs with --stain pay for its import
+
     if method not in stain.METHODS:
         raise ValueError(f"--stain {method!r}: choose one of {', '.join(stain.METHODS)}")
-    import numpy as np
-
     return stain.fit(method, [np.asarray(load_rgb(target))])
 
 
 class RunData:
     """Rows, class vocabulary and loaders of one run (see :func:`build_data`)."""
 
-    def __init__(self, cfg: TrainConfig, d: distributed.Dist) -> None:
+    def __init__(self, cfg: TrainConfig, d: Dist) -> None:
         self.cfg, self.d = cfg, d
         self.classes, self.target = TASKS[cfg.task]
         frame = read_manifest(cfg.manifest)
@@ -81,7 +134,7 @@ class RunData:
             self.stain, self.stain_meta, self.stain_key = norm, norm.to_dict(), norm.key
         targets = [self.classes.index(v) for v in self.train_rows[self.target]
                    if v in self.classes]
-        weights = tu.class_weights(targets, len(self.classes))
+        weights = class_weights(targets, len(self.classes))
         self.loss_weight = weights if cfg.balance == "weights" else None
         self.sample_weights = weights[targets].tolist() if cfg.balance == "sampler" else None
         log.info("train %d images, val %d images; classes %s", len(self.train_rows),
@@ -103,8 +156,8 @@ class RunData:
         if d.enabled:  # each process scores its share; metrics see the gathered whole
             val_ds = Subset(val_ds, range(d.rank, len(val_ds), d.world))
         workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
-        self.sampler = tu.EpochSampler(len(train_ds), cfg.seed, d.rank, d.world,
-                                       self.sample_weights)
+        self.sampler = EpochSampler(len(train_ds), cfg.seed, d.rank, d.world,
+                                    self.sample_weights)
         # Reseeded each epoch: worker processes draw their augmentation seeds from it.
         self.generator = torch.Generator()
         pin = d.device.type == "cuda"
@@ -118,9 +171,9 @@ class RunData:
     def set_epoch(self, epoch: int) -> None:
         """Fix this epoch's order and augmentation seeds."""
         self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(tu.epoch_seed(self.cfg.seed, epoch, 1000 + self.d.rank))
+        self.generator.manual_seed(epoch_seed(self.cfg.seed, epoch, 1000 + self.d.rank))
 
 
-def build_data(cfg: TrainConfig, d: distributed.Dist) -> RunData:
+def build_data(cfg: TrainConfig, d: Dist) -> RunData:
     """Read and check the manifest for ``cfg`` (datasets follow via ``make_datasets``)."""
     return RunData(cfg, d)

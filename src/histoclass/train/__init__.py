@@ -1,0 +1,22 @@
+"""Training: fine-tune ensemble members with the study's recipe (``histoclass train``).
+
+The package reads top-down, each module importing only those above it:
+
+* :mod:`~histoclass.train.config`: :class:`TrainConfig`, its choices and checks.
+* :mod:`~histoclass.train.distributed`: the process group under ``torchrun``.
+* :mod:`~histoclass.train.data`: manifest rows, loaders, sampling, stain step.
+* :mod:`~histoclass.train.epoch`: one training epoch, evaluation, metrics, selection.
+* :mod:`~histoclass.train.records`: RNG state, ``config.yaml``, ``history.csv``, curves.
+* :mod:`~histoclass.train.loop`: :func:`train`, the driver of one run.
+* :mod:`~histoclass.train.many`: :func:`train_all`, several members in turn.
+"""
+
+from histoclass.train.config import TrainConfig
+from histoclass.train.epoch import NonFiniteLossError
+from histoclass.train.loop import train
+from histoclass.train.many import finished, train_all
+
+# --- ensembles: reserved for `from histoclass.train.ensembles import fit_ensemble,
+# preset_members` (added separately; add both names to __all__ with it) ---
+
+__all__ = ["NonFiniteLossError", "TrainConfig", "finished", "train", "train_all"]
