@@ -25,11 +25,11 @@ from torch import nn
 
 from histoclass.data import LABELS, read_manifest, select
 from histoclass.data.dataset import ManifestDataset
-from histoclass.ensembling import fit_ensemble
 from histoclass.models import create_model, member_meta, model_preprocess, save_checkpoint
 from histoclass.models.ensemble import METHODS, load_model_file
 from histoclass.models.members import resolve_arch
 from histoclass.predict import predict_manifest
+from histoclass.train import fit_ensemble
 
 DATA = Path("/work/shared/data/ucsb-breast/manifest.csv")
 

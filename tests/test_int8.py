@@ -13,9 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from helpers_predict import make_member
 from histoclass.data.manifest import sample_path
-from histoclass.export import export_onnx
-from histoclass.onnx_backend import OnnxClassifier
-from histoclass.onnx_graph import float_nodes, spatial_means_to_pool, stem_convs
+from histoclass.deploy.export import export_onnx
+from histoclass.deploy.graph import float_nodes, spatial_means_to_pool, stem_convs
+from histoclass.deploy.runtime import OnnxClassifier
 
 SAMPLES = sorted(sample_path("breakhis").glob("*.png"))
 vi = helper.make_tensor_value_info

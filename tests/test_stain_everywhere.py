@@ -58,12 +58,11 @@ def test_offline_api_and_app_agree_with_the_hand_computation(stained):
 
 
 def test_explain_shows_the_stained_prediction(stained):
-    from histoclass.explain_ensemble import load_member
-    from histoclass.explain_gallery import explain_batch
+    from histoclass.explain import explain_batch
+    from histoclass.models import load_model_file
 
     ckpt, model, pre, norm, root = stained
-    member, meta = load_member(str(ckpt))
-    result = explain_batch([member], meta["classes"], [(str(IMAGES[1]), "")], root / "cams")
+    result = explain_batch(load_model_file(ckpt), [(str(IMAGES[1]), "")], root / "cams")
     expected = _by_hand(model, pre, norm, IMAGES[1])
     assert float(result.rows[0]["p_malignant"]) == pytest.approx(expected, abs=1e-4)
 

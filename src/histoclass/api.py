@@ -1,11 +1,10 @@
 """One Python entry point for scripts, notebooks, the CLI and the web app: ``histoclass.load``.
 
-``load(path)`` reads a member checkpoint, an ensemble file (when
-:mod:`histoclass.models.ensemble` is available) or an exported ``.onnx`` model and returns a
-:class:`Classifier`. It applies the model's own preprocessing and stain normaliser, so callers
-pass plain images: file paths, PIL images or ``HxWx3`` uint8 arrays.
+``load(path)`` reads a member checkpoint, an ensemble file or an exported ``.onnx`` model and
+returns a :class:`Model`. It applies the model's own preprocessing and stain normaliser, so
+callers pass plain images: file paths, PIL images or ``HxWx3`` uint8 arrays.
 
-A :class:`Classifier` is safe to share between threads: calls on it are serialised by a lock
+A :class:`Model` is safe to share between threads: calls on it are serialised by a lock
 (Grad-CAM hooks must never be attached from two threads at once, and two cores gain nothing from
 two concurrent forward passes).
 """
@@ -19,12 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from histoclass.data.breakhis import SUBTYPE_LABEL
 from histoclass.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, _to_rgb, load_rgb
+from histoclass.models import Classifier, Ensemble, Scores, load_model_file, resolve_device
+from histoclass.models.classifier import concat_scores
+from histoclass.predict import score_frame
 
 ImageLike = str | Path | Image.Image | np.ndarray
+BACKENDS = ("torch", "onnx")
 
 
 @dataclass
@@ -117,10 +121,12 @@ def _name(item: ImageLike, i: int) -> str:
     return str(item) if isinstance(item, str | Path) else f"<image {i}>"
 
 
-class Classifier:
+class Model:
     """A loaded model: ``predict`` images and ``explain`` them (see :func:`load`).
 
     Attributes:
+        classifier: What runs it (:class:`~histoclass.models.classifier.Classifier`: the PyTorch
+            ensemble or the ONNX Runtime session).
         classes: Class names in output order.
         task: ``binary`` or ``subtype``.
         is_ensemble: Several members combined.
@@ -129,27 +135,54 @@ class Classifier:
         backend: ``torch`` or ``onnx``.
     """
 
-    def __init__(self, engine: Any, backend: str, path: str | Path) -> None:
-        self.engine, self.backend, self.path = engine, backend, Path(path)
-        self.classes: list[str] = list(engine.classes)
-        self.task: str = engine.task
-        self.is_ensemble: bool = bool(engine.is_ensemble)
-        self.member_names: list[str] = [m.name for m in engine.members]
-        self.refer_threshold: float = float(engine.refer_threshold)
+    def __init__(self, classifier: Classifier, path: str | Path) -> None:
+        self.classifier, self.path = classifier, Path(path)
+        self.backend = "torch" if isinstance(classifier, Ensemble) else "onnx"
+        self.classes: list[str] = list(classifier.classes)
+        self.task: str = classifier.task
+        self.is_ensemble: bool = classifier.is_ensemble
+        self.member_names: list[str] = classifier.member_names
+        self.refer_threshold: float = float(classifier.refer_threshold)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         kind = f"ensemble of {len(self.member_names)}" if self.is_ensemble else "member"
-        return f"Classifier({self.path.name}, {kind}, {self.task}: {self.classes}, {self.backend})"
+        return f"Model({self.path.name}, {kind}, {self.task}: {self.classes}, {self.backend})"
 
-    def _result(self, source: str, proba: np.ndarray, members: np.ndarray | None,
-                dis: float | None) -> Prediction:
-        probs = {c: float(p) for c, p in zip(self.classes, proba, strict=True)}
+    def describe(self) -> dict[str, Any]:
+        """Preprocessing, stain normaliser and members, in plain types."""
+        return self.classifier.describe()
+
+    def _result(self, source: str, scores: Scores, k: int) -> Prediction:
+        probs = {c: float(p) for c, p in zip(self.classes, scores.proba[k], strict=True)}
         if not self.is_ensemble:
             return Prediction(source, probs)
         per = {n: {c: float(p) for c, p in zip(self.classes, mp, strict=True)}
-               for n, mp in zip(self.member_names, members, strict=True)}
-        return Prediction(source, probs, per, float(dis), bool(dis > self.refer_threshold))
+               for n, mp in zip(self.member_names, scores.members[:, k], strict=True)}
+        dis = float(scores.disagreement[k])
+        return Prediction(source, probs, per, dis, bool(dis > self.refer_threshold))
+
+    def _score(self, images: ImageLike | Sequence[ImageLike], batch_size: int, max_pixels: int
+               ) -> tuple[list[str], list[str | None], Scores]:
+        """Names, read errors (``None`` when read) and the scores of the readable inputs."""
+        if isinstance(images, str | Path | Image.Image) or (
+                isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+            images = [images]
+        images = list(images)
+        sources, errors, parts = [], [], []
+        for start in range(0, len(images), batch_size):
+            decoded = []
+            for i, item in enumerate(images[start:start + batch_size], start):
+                sources.append(_name(item, i))
+                try:
+                    decoded.append(to_rgb_image(item, max_pixels))
+                    errors.append(None)
+                except ImageLoadError as exc:
+                    errors.append(exc.reason)
+            if decoded:
+                with self._lock:
+                    parts.append(self.classifier.predict_images(decoded))
+        return sources, errors, concat_scores(parts, len(self.classes), len(self.member_names))
 
     def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 16,
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Prediction]:
@@ -160,99 +193,84 @@ class Classifier:
             batch_size: Images per forward pass.
             max_pixels: Refuse images with more pixels than this.
         """
-        if isinstance(images, str | Path | Image.Image) or (
-                isinstance(images, np.ndarray) and images.ndim in (2, 3)):
-            images = [images]
-        out: list[Prediction] = []
-        for start in range(0, len(images), batch_size):
-            chunk = list(images[start:start + batch_size])
-            pil, idx = [], []
-            results: list[Prediction | None] = []
-            for i, item in enumerate(chunk, start):
-                try:
-                    pil.append(to_rgb_image(item, max_pixels))
-                    idx.append(len(results))
-                    results.append(None)
-                except ImageLoadError as exc:
-                    results.append(Prediction(_name(item, i), error=exc.reason))
-            if pil:
-                with self._lock:
-                    proba, members, dis = self.engine.predict_images(pil)
-                for k, j in enumerate(idx):
-                    results[j] = self._result(
-                        _name(chunk[j], start + j), proba[k],
-                        None if members is None else members[:, k],
-                        None if dis is None else dis[k])
-            out += results
+        sources, errors, scores = self._score(images, batch_size, max_pixels)
+        out, k = [], 0
+        for source, error in zip(sources, errors, strict=True):
+            if error is not None:
+                out.append(Prediction(source, error=error))
+                continue
+            out.append(self._result(source, scores, k))
+            k += 1
         return out
 
-    def predict_frame(self, images: Sequence[ImageLike], **kwargs: Any) -> Any:
+    def predict_frame(self, images: Sequence[ImageLike], batch_size: int = 16,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> pd.DataFrame:
         """:meth:`predict` as a DataFrame in the predictions-CSV layout, one row per input.
 
-        Columns: ``path``, ``p_malignant`` (binary) or ``p_<class>``, ``pred``; ensembles add
-        ``member.<name>.p_...``, ``disagreement`` and ``refer``; then ``error`` (empty when fine).
+        Columns: ``path``, then :func:`histoclass.predict.score_frame`'s (``p_malignant`` or
+        ``p_<class>``, ``pred``; ensembles add ``member.<name>.p_...``, ``disagreement`` and
+        ``refer``), then ``error`` (empty when fine; its row's scores are empty).
         """
-        import pandas as pd
-
-        binary = self.classes == ["benign", "malignant"]
-        rows = []
-        for r in self.predict(images, **kwargs):
-            row: dict[str, Any] = {"path": r.source}
-            cls = ["malignant"] if binary else self.classes
-            row.update({f"p_{c}": r.probs.get(c, np.nan) for c in cls})
-            row["pred"] = r.label or ""
-            if self.is_ensemble:
-                for n in self.member_names:
-                    mp = r.members.get(n, {})
-                    row.update({f"member.{n}.p_{c}": mp.get(c, np.nan) for c in cls})
-                row["disagreement"] = np.nan if r.disagreement is None else r.disagreement
-                row["refer"] = int(r.refer)
-            row["error"] = r.error or ""
-            rows.append(row)
-        return pd.DataFrame(rows)
+        sources, errors, scores = self._score(images, batch_size, max_pixels)
+        scored = score_frame(self.classifier, scores, self.refer_threshold)
+        scored.index = [i for i, e in enumerate(errors) if e is None]
+        frame = scored.reindex(range(len(sources)))
+        frame.insert(0, "path", sources)
+        frame["pred"] = frame["pred"].fillna("")
+        if "refer" in frame:
+            frame["refer"] = frame["refer"].fillna(0).astype(int)
+        frame["error"] = [e or "" for e in errors]
+        return frame
 
     def explain(self, image: ImageLike, method: str = "gradcam", target: str = "predicted",
                 alpha: float = 0.4, max_pixels: int = DEFAULT_MAX_PIXELS) -> Explained:
-        """Grad-CAM overlay of one image (fused over members for an ensemble).
+        """Grad-CAM overlay of one image (fused over members for an ensemble, weighted by
+        :func:`histoclass.explain.cam_weights`).
 
         Raises:
-            RuntimeError: The model is an ONNX export (no gradients), or
-                :mod:`histoclass.explain` is not installed.
+            RuntimeError: The model is an ONNX export (no gradients).
             ImageLoadError: The image cannot be read.
         """
-        if self.backend != "torch":
+        from histoclass.explain import EnsembleExplanation, explain_model, overlay
+
+        if not isinstance(self.classifier, Ensemble):
             raise RuntimeError(f"{self.path}: Grad-CAM needs the PyTorch checkpoint; an ONNX "
                                "export has no gradients (load the .pt file to explain)")
-        try:
-            from histoclass import explain as ex
-        except ImportError as exc:
-            raise RuntimeError(f"Grad-CAM is not available in this histoclass ({exc})") from None
         arr = np.asarray(to_rgb_image(image, max_pixels))
         with self._lock:
-            e = self.engine.explain(ex, arr, method=method, target=target)
-        if self.is_ensemble:  # the members' votes and disagreement come from predict
+            e = explain_model(self.classifier, arr, method=method, target=target)
+        if isinstance(e, EnsembleExplanation):  # the members' votes and disagreement
             pred = self.predict(arr)[0]
+            members = {n: overlay(arr, m.cam, alpha) for n, _, m in e.members}
         else:
-            pred = self._result(_name(image, 0), e.probs, None, None)
-        members = {n: overlay(arr, m.cam, alpha) for n, _, m in getattr(e, "members", [])}
+            pred = Prediction(_name(image, 0), dict(zip(self.classes, map(float, e.probs),
+                                                        strict=True)))
+            members = {}
         return Explained(overlay(arr, e.cam, alpha), e.cam, pred, self.classes[e.target], members)
 
 
-def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """A jet-coloured map blended over the image (``histoclass.explain_figures`` when present)."""
-    try:
-        from histoclass.explain_figures import overlay as fig_overlay
+def open_classifier(path: str | Path, backend: str = "torch", device: str = "cpu",
+                    threads: int | None = None) -> Classifier:
+    """The runner of a model file: ONNX Runtime for an ``.onnx`` file (or ``backend="onnx"``),
+    else the PyTorch member or ensemble (:func:`histoclass.models.load_model_file`).
 
-        return fig_overlay(image, cam, alpha)
-    except ImportError:
-        from matplotlib import colormaps
+    Args:
+        path: Model file.
+        backend: ``torch`` or ``onnx``.
+        device: PyTorch device (``auto``, ``cpu``, ``cuda``, ...).
+        threads: ONNX Runtime intra-op threads (default: all cores).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose {' or '.join(BACKENDS)}")
+    path = Path(path)
+    if backend == "onnx" or path.suffix.lower() == ".onnx":
+        from histoclass.deploy.runtime import OnnxClassifier
 
-        heat = colormaps["jet"](np.clip(cam, 0, 1))[..., :3] * 255.0
-        out = (1.0 - alpha) * image.astype(np.float32) + alpha * heat
-        return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+        return OnnxClassifier(path, threads=threads)
+    return load_model_file(path, resolve_device(device))
 
 
-def load(path: str | Path, device: str = "cpu", threads: int | None = None) -> Classifier:
+def load(path: str | Path, device: str = "cpu", threads: int | None = None) -> Model:
     """Load a member checkpoint, an ensemble file or an exported ``.onnx`` model.
 
     Args:
@@ -260,11 +278,4 @@ def load(path: str | Path, device: str = "cpu", threads: int | None = None) -> C
         device: PyTorch device.
         threads: ONNX Runtime intra-op threads (default: all cores).
     """
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        from histoclass.onnx_backend import OnnxClassifier
-
-        return Classifier(OnnxClassifier(path, threads=threads), "onnx", path)
-    from histoclass.torch_engine import TorchEngine
-
-    return Classifier(TorchEngine(path, device), "torch", path)
+    return Model(open_classifier(path, device=device, threads=threads), path)

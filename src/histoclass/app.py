@@ -1,7 +1,7 @@
 """The web demo: upload H&E images, get the verdict, member votes and a Grad-CAM overlay.
 
 A leaf module (only ``histoclass serve`` imports it). The model is loaded once; requests go
-through Gradio's queue and the :class:`~histoclass.api.Classifier` lock, so concurrent users
+through Gradio's queue and the :class:`~histoclass.api.Model` lock, so concurrent users
 never share state: every request builds its answer from its own files only. Bad uploads
 (not an image, corrupt, too many megabytes or pixels) get a one-line message, never a trace.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from histoclass.api import Classifier, Prediction, load, to_rgb_image
+from histoclass.api import Model, Prediction, load, to_rgb_image
 from histoclass.data.images import ImageLoadError
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def _pct(p: float) -> str:
     return f"{100 * p:.1f}%"
 
 
-def describe(pred: Prediction, clf: Classifier) -> dict[str, Any]:
+def describe(pred: Prediction, clf: Model) -> dict[str, Any]:
     """One image's answer as plain JSON (the API output the load test compares)."""
     out: dict[str, Any] = {"image": Path(pred.source).name, "error": pred.error}
     if pred.ok:
@@ -48,7 +48,7 @@ def describe(pred: Prediction, clf: Classifier) -> dict[str, Any]:
     return out
 
 
-def verdict_markdown(item: dict[str, Any], clf: Classifier) -> str:
+def verdict_markdown(item: dict[str, Any], clf: Model) -> str:
     """A short human-readable block for one image."""
     name = html.escape(item["image"])
     if item["error"]:
@@ -80,7 +80,7 @@ def check_upload(path: str, limits: Limits) -> None:
                                    f"{limits.max_mb:g} MB")
 
 
-def analyse(files: list[Any] | None, clf: Classifier, limits: Limits, explain: bool = True
+def analyse(files: list[Any] | None, clf: Model, limits: Limits, explain: bool = True
             ) -> tuple[str, list[tuple[np.ndarray, str]], list[dict[str, Any]]]:
     """Everything the page shows for one request: markdown, overlays with captions, JSON."""
     paths = [str(getattr(f, "name", f)) for f in (files or [])]
@@ -118,14 +118,10 @@ def analyse(files: list[Any] | None, clf: Classifier, limits: Limits, explain: b
     return text, gallery, items
 
 
-def cam_available(clf: Classifier) -> str | None:
+def cam_available(clf: Model) -> str | None:
     """``None`` when Grad-CAM overlays can be shown, else why not."""
-    import importlib.util
-
     if clf.backend != "torch":
         return "Grad-CAM needs the PyTorch checkpoint; this server runs an ONNX export."
-    if importlib.util.find_spec("histoclass.explain") is None:
-        return "Grad-CAM is not available in this installation (histoclass.explain missing)."
     return None
 
 
@@ -136,11 +132,11 @@ def examples() -> list[list[list[str]]]:
     return [[[str(p)]] for p in sorted(sample_path("breakhis").glob("*.png"))[:4]]
 
 
-def build(model: str | Path | Classifier, limits: Limits = Limits(), explain: bool = True) -> Any:
+def build(model: str | Path | Model, limits: Limits = Limits(), explain: bool = True) -> Any:
     """The Gradio ``Blocks`` app for ``model`` (loaded once, here)."""
     import gradio as gr
 
-    clf = model if isinstance(model, Classifier) else load(model)
+    clf = model if isinstance(model, Model) else load(model)
     kind = (f"ensemble of {len(clf.member_names)} ({', '.join(clf.member_names)})"
             if clf.is_ensemble else clf.member_names[0])
     with gr.Blocks(title="histoclass") as demo:

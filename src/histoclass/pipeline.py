@@ -111,17 +111,16 @@ def train_members(cfg: RunConfig, manifest: Path, fold: int | None, base: Path) 
 def build_ensembles(cfg: RunConfig, manifest: Path, fold: int | None, base: Path,
                     members: list[Path]) -> list[Path]:
     """Fit every configured ensemble on the validation split of one fold."""
-    from histoclass.ensembling import fit_ensemble
-    from histoclass.models.members import V1_FAMILY, V2_FAMILY
+    from histoclass.models.members import FAMILIES
+    from histoclass.train import fit_ensemble
 
-    families = {"v1": V1_FAMILY, "v2": V2_FAMILY, "all": V1_FAMILY + V2_FAMILY}
     by_name = dict(zip([n for n, _ in member_specs(cfg)], members, strict=True))
     out = []
     for spec in cfg.ensembles:
         spec = dict(spec)
         name, method = spec.pop("name"), spec.pop("method")
         chosen = spec.pop("members", list(by_name))  # default: every member of this run
-        names = families[chosen] if isinstance(chosen, str) and chosen in families else chosen
+        names = FAMILIES[chosen] if isinstance(chosen, str) and chosen in FAMILIES else chosen
         names = [n for n in names if n in by_name]
         path = base / "ensembles" / f"{name}.pt"
         if len(names) < 2:

@@ -1,8 +1,10 @@
-"""Predictions of a member or an ensemble on images, folders or a manifest split.
+"""Predictions of any :class:`~histoclass.models.classifier.Classifier` on images, folders or a
+manifest split, and the one builder of the predictions CSV's columns.
 
-Images are decoded in DataLoader worker processes; an unreadable file becomes a ``(path,
-reason)`` entry in ``skipped`` instead of stopping the run. Each member gets its own input
-(stain normalisation and size from its checkpoint). Softmax happens here, never in models.
+Images are decoded and prepared (stain, resize, normalise: the classifier's own
+:attr:`preparation`) in a pool of threads or processes while the model runs the current batch;
+an unreadable file becomes a ``(path, reason)`` entry in ``skipped`` instead of stopping the run.
+Softmax happens in the classifier, never in the networks.
 
 The predictions CSV has ``path,patient_id,magnification,label`` (``label`` empty when unknown),
 ``subtype`` (subtype task), ``split,protocol`` (from a manifest), then ``p_malignant`` (binary
@@ -13,21 +15,22 @@ task) or ``p_<class>`` per class, ``pred`` (class name) and, for ensembles,
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from histoclass.data.breakhis import label_from_folder, parse_name
 from histoclass.data.images import IMAGE_SUFFIXES, ImageLoadError, load_rgb
-from histoclass.models.ensemble import Ensemble, Output, combine, disagreement
+from histoclass.models.classifier import Classifier, Preparation, Scores, concat_scores
 
 log = logging.getLogger(__name__)
 INFO = ("path", "patient_id", "magnification", "label")
+EXECUTORS = ("thread", "process")
 
 
 class Predictions(NamedTuple):
@@ -37,104 +40,97 @@ class Predictions(NamedTuple):
     skipped: list[tuple[str, str]]
 
 
-class ImageInputs(Dataset):
-    """One input per member for each path; an unreadable file yields its error message."""
-
-    def __init__(self, paths: Sequence[str], ens: Ensemble) -> None:
-        self.paths = [str(p) for p in paths]
-        self.steps = [(m.preprocess, m.stain) for m in ens.members]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, list[torch.Tensor] | str]:
-        try:
-            img = load_rgb(self.paths[i])
-            done: dict[Any, torch.Tensor] = {}  # members sharing settings share the work
-            out = []
-            for pre, stain in self.steps:
-                key = (pre, id(stain))
-                if key not in done:
-                    from PIL import Image
-
-                    src = img if stain is None else Image.fromarray(stain(np.asarray(img)))
-                    done[key] = pre.normalize(pre.resize(src))
-                out.append(done[key])
-            return i, out
-        except ImageLoadError as exc:
-            return i, exc.reason
-        except Exception as exc:  # a stain fit failing on an odd image must not stop the run
-            return i, f"{type(exc).__name__}: {exc}"
-
-
-def collate(items: list[tuple[int, Any]]) -> tuple[list[int], list[torch.Tensor], list]:
-    """Stack the readable items per member; keep ``(index, reason)`` for the others."""
-    good = [(i, x) for i, x in items if not isinstance(x, str)]
-    bad = [(i, x) for i, x in items if isinstance(x, str)]
-    inputs = [torch.stack([x[m] for _, x in good]) for m in range(len(good[0][1]))] if good else []
-    return [i for i, _ in good], inputs, bad
-
-
 class Outputs(NamedTuple):
-    """Raw outputs for the readable rows ``index`` of a path list."""
+    """Outputs for the readable rows ``index`` of a path list, and the rows left out."""
 
     index: list[int]
-    proba: torch.Tensor
-    pred: torch.Tensor
-    members: torch.Tensor
-    disagreement: torch.Tensor
-    features: torch.Tensor | None  # concatenated pooled member features, when asked
+    proba: np.ndarray  # [N, C]
+    pred: np.ndarray  # [N]
+    members: np.ndarray  # [M, N, C]
+    disagreement: np.ndarray  # [N]
     skipped: list[tuple[str, str]]
 
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    @property
+    def scores(self) -> Scores:
+        """The model outputs without the row bookkeeping."""
+        return Scores(self.proba, self.pred, self.members, self.disagreement)
 
 
-def run(ens: Ensemble, paths: Sequence[str], *, tta: bool = False, batch_size: int = 16,
-        workers: int = 0, features: bool = False, progress: bool = False) -> Outputs:
-    """Run ``ens`` over image files (see :func:`predict_paths`).
+def load_prepared(path: str, preparation: Preparation) -> list[Any] | str:
+    """Decode one file and prepare it, or return why it cannot be used."""
+    try:
+        return preparation(load_rgb(path))
+    except ImageLoadError as exc:
+        return exc.reason
+    except Exception as exc:  # a stain step failing on one odd image must not stop the run
+        return f"{type(exc).__name__}: {exc}"
 
-    With ``features`` (used to fit ensembles) it returns the members' concatenated pooled
-    features too, and combines the members by soft voting whatever ``ens.method`` is.
+
+def prepared_batches(paths: Sequence[str], preparation: Preparation, batch_size: int = 16,
+                     workers: int = 2, executor: str = "thread", progress: bool = False,
+                     desc: str = "predict"
+                     ) -> Iterator[tuple[list[int], list[list[Any]], list[tuple[str, str]]]]:
+    """``(rows, prepared items, skipped (path, reason))`` per batch, in path order.
+
+    ``workers`` threads (or processes) decode ahead: two batches are in flight while the
+    caller runs the current one (PyTorch and ONNX Runtime release the GIL), so on a folder of
+    PNGs a run is limited by decoding, not by the network. ``workers=0`` decodes inline.
     """
     from tqdm.auto import tqdm
 
-    if getattr(ens, "backend", None) == "onnx":  # OnnxClassifier: its own overlapped decoding
-        if tta or features:
-            raise ValueError("the onnx backend predicts plain images only: no --tta, no fitting")
-        return ens.predict_paths(paths, batch_size, max(workers, 1), progress=progress).to_torch()
-    loader = DataLoader(ImageInputs(paths, ens), batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate, shuffle=False)
-    index, outs, feats, skipped = [], [], [], []
-    for idx, inputs, bad in tqdm(loader, disable=not progress, desc="predict"):
-        for i, reason in bad:
-            log.warning("skipped %s: %s", paths[i], reason)
-            skipped.append((str(paths[i]), reason))
-        if not idx:
-            continue
-        index += idx
-        if features:  # fitting: members' soft outputs and features in one pass, no TTA
-            p, f = ens.forward(inputs, features=True)
-            proba, pred = combine("soft", p)
-            outs.append(Output(proba, pred, p, disagreement("soft", p, pred)))
-            feats.append(torch.cat(f, 1).cpu())
-        else:
-            outs.append(ens.predict_proba(inputs, tta=tta))
-    if not index:
-        c, m = len(ens.classes), len(ens.members)
-        empty = torch.zeros(0, c)
-        return Outputs([], empty, torch.zeros(0, dtype=torch.long), torch.zeros(m, 0, c),
-                       torch.zeros(0), None, skipped)
-    return Outputs(
-        index, torch.cat([o.proba for o in outs]).cpu(), torch.cat([o.pred for o in outs]).cpu(),
-        torch.cat([o.members for o in outs], 1).cpu(),
-        torch.cat([o.disagreement for o in outs]).cpu(),
-        torch.cat(feats) if features else None, skipped,
-    )
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose {' or '.join(EXECUTORS)}")
+    pool: Executor | None = None
+    if workers > 0:
+        pool = (ThreadPoolExecutor if executor == "thread" else ProcessPoolExecutor)(workers)
+    ahead = 2 * batch_size + workers
+    pending: deque = deque()
+    todo = iter(enumerate(paths))
+    bar = tqdm(total=len(paths), disable=not progress, desc=desc)
+
+    def fill() -> None:
+        for i, p in todo:
+            pending.append((i, pool.submit(load_prepared, p, preparation) if pool
+                            else load_prepared(p, preparation)))
+            if len(pending) >= ahead:
+                return
+
+    try:
+        fill()
+        while pending:
+            rows, items, bad = [], [], []
+            while pending and len(rows) < batch_size:
+                i, fut = pending.popleft()
+                out = fut.result() if pool else fut
+                if isinstance(out, str):
+                    log.warning("skipped %s: %s", paths[i], out)
+                    bad.append((paths[i], out))
+                else:
+                    rows.append(i)
+                    items.append(out)
+            fill()
+            bar.update(len(rows) + len(bad))
+            yield rows, items, bad
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def run(clf: Classifier, paths: Sequence[str | Path], *, tta: bool = False,
+        batch_size: int = 16, workers: int = 0, executor: str = "thread",
+        progress: bool = False) -> Outputs:
+    """Scores of ``clf`` on image files (see :func:`prepared_batches`)."""
+    paths = [str(p) for p in paths]
+    index, parts, skipped = [], [], []
+    for rows, items, bad in prepared_batches(paths, clf.preparation, batch_size, workers,
+                                             executor, progress):
+        skipped += bad
+        if rows:
+            parts.append(clf.predict_prepared(items, tta=tta))
+            index += rows
+    return Outputs(index, *concat_scores(parts, len(clf.classes), len(clf.member_names)),
+                   skipped)
 
 
 def prob_columns(classes: Sequence[str], prefix: str = "") -> list[str]:
@@ -142,6 +138,29 @@ def prob_columns(classes: Sequence[str], prefix: str = "") -> list[str]:
     if list(classes) == ["benign", "malignant"]:
         return [f"{prefix}p_malignant"]
     return [f"{prefix}p_{c}" for c in classes]
+
+
+def _probs(frame: pd.DataFrame, classes: Sequence[str], p: np.ndarray, prefix: str = "") -> None:
+    cols = prob_columns(classes, prefix)
+    p = p.astype(float)
+    frame[cols] = p[:, 1:] if len(cols) == 1 else p
+
+
+def score_frame(clf: Classifier, scores: Scores, refer_threshold: float | None = None
+                ) -> pd.DataFrame:
+    """The scored columns of the predictions CSV, one row per image: ``p_...``, ``pred`` and,
+    for ensembles, ``member.<name>.p_...``, ``disagreement`` and ``refer`` (disagreement above
+    ``refer_threshold``, default the model's). Every table of predictions is built here."""
+    frame = pd.DataFrame(index=range(len(scores.proba)))
+    _probs(frame, clf.classes, scores.proba)
+    frame["pred"] = [clf.classes[i] for i in scores.pred.tolist()]
+    if clf.is_ensemble:
+        for m, name in enumerate(clf.member_names):
+            _probs(frame, clf.classes, scores.members[m], f"member.{name}.")
+        threshold = clf.refer_threshold if refer_threshold is None else refer_threshold
+        frame["disagreement"] = scores.disagreement.astype(float)
+        frame["refer"] = (frame["disagreement"] > threshold).astype(int)
+    return frame
 
 
 def describe(path: str | Path, root: Path | None = None) -> dict[str, str]:
@@ -185,48 +204,39 @@ def expand_inputs(items: Sequence[str | Path]) -> tuple[pd.DataFrame, list[tuple
     return pd.DataFrame(rows, columns=[*INFO, "subtype"]), skipped
 
 
-def predict_paths(ens: Ensemble, paths: Sequence[str | Path], *,
+def predict_paths(clf: Classifier, paths: Sequence[str | Path], *,
                   info: pd.DataFrame | None = None, tta: bool = False, batch_size: int = 16,
-                  workers: int = 0, refer_threshold: float | None = None,
-                  progress: bool = False) -> Predictions:
+                  workers: int = 0, executor: str = "thread",
+                  refer_threshold: float | None = None, progress: bool = False) -> Predictions:
     """Predict image files.
 
     Args:
-        ens: From :func:`histoclass.models.ensemble.load_model_file` (member or ensemble).
+        clf: A loaded model (:func:`histoclass.models.load_model_file`, or an ONNX export).
         paths: Image files.
         info: Rows aligned with ``paths`` holding the descriptive columns (``path``,
             ``patient_id``, ``magnification``, ``label``, optional ``subtype``/``split``/
             ``protocol``); derived from the names when ``None``.
-        tta: Average the 8 flips/90-degree rotations.
+        tta: Average the 8 flips/90-degree rotations (PyTorch models).
         batch_size: Images per forward pass.
-        workers: Decoding processes (0 decodes in this process).
+        workers: Decoding threads (or processes, see ``executor``); 0 decodes inline.
+        executor: ``thread`` or ``process``.
         refer_threshold: Overrides the ensemble's disagreement threshold for ``refer``.
         progress: Show a progress bar.
     """
     paths = [str(p) for p in paths]
     if info is None:
         info = pd.DataFrame([describe(p) for p in paths], columns=[*INFO, "subtype"])
-    out = run(ens, paths, tta=tta, batch_size=batch_size, workers=workers, progress=progress)
-    keep = list(INFO) + (["subtype"] if ens.task == "subtype" else [])
+    out = run(clf, paths, tta=tta, batch_size=batch_size, workers=workers, executor=executor,
+              progress=progress)
+    keep = list(INFO) + (["subtype"] if clf.task == "subtype" else [])
     keep += [c for c in ("split", "protocol") if c in info.columns]
     frame = info.iloc[out.index].reindex(columns=keep).fillna("").reset_index(drop=True)
-    probs = out.proba.numpy().astype(float)
-    cols = prob_columns(ens.classes)
-    frame[cols] = probs[:, 1:] if len(cols) == 1 else probs
-    frame["pred"] = [ens.classes[i] for i in out.pred.tolist()]
-    if ens.is_ensemble:
-        for m, member in enumerate(ens.members):
-            p = out.members[m].numpy().astype(float)
-            mcols = prob_columns(ens.classes, f"member.{member.name}.")
-            frame[mcols] = p[:, 1:] if len(mcols) == 1 else p
-        threshold = ens.refer_threshold if refer_threshold is None else refer_threshold
-        frame["disagreement"] = out.disagreement.numpy().astype(float)
-        frame["refer"] = (frame["disagreement"] > threshold).astype(int)
+    frame = pd.concat([frame, score_frame(clf, out.scores, refer_threshold)], axis=1)
     log.info("predicted %d image(s), skipped %d", len(frame), len(out.skipped))
     return Predictions(frame, out.skipped)
 
 
-def predict_manifest(ens: Ensemble, manifest: str | Path, split: str = "test",
+def predict_manifest(clf: Classifier, manifest: str | Path, split: str = "test",
                      fold: int | None = None, **kwargs: Any) -> Predictions:
     """Predict one split of a manifest (``kwargs`` go to :func:`predict_paths`)."""
     from histoclass.data.manifest import read_manifest, select
@@ -237,7 +247,7 @@ def predict_manifest(ens: Ensemble, manifest: str | Path, split: str = "test",
     info = frame.copy()
     if fold is not None:
         info["split"] = frame[f"split_fold{fold}"]
-    return predict_paths(ens, list(frame["path"]), info=info, **kwargs)
+    return predict_paths(clf, list(frame["path"]), info=info, **kwargs)
 
 
 def write_predictions(pred: Predictions, out: str | Path) -> tuple[Path, Path]:

@@ -20,25 +20,20 @@ def _split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
     return models, images
 
 
-def _true_label(path: Path, classes: list[str]) -> str:
-    from histoclass.data.breakhis import label_from_folder, parse_name
-
-    try:
-        parsed = parse_name(path.name)
-    except ValueError:
-        parsed = None
-    found = label_from_folder(path.parent.name)
-    for label in ((parsed.label, parsed.subtype) if parsed else ()) + (found or ()):
+def _true_label(row: dict, classes: list[str]) -> str:
+    """The label (or subtype, for subtype models) a name or folder gives, if it is a class."""
+    for label in (row.get("label", ""), row.get("subtype", "")):
         if label in classes:
             return label
     return ""
 
 
-def _items(images: list[str], manifest: Path | None, split: str,
-           classes: list[str]) -> list[tuple[str, str]]:
-    """(path, true label) for every image given, found in folders, or in the manifest split."""
-    from histoclass.data.images import IMAGE_SUFFIXES
+def _items(images: list[str], manifest: Path | None, split: str, classes: list[str]
+           ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(path, true label) for every image given, found in folders, or in the manifest split,
+    and the inputs left out as (path, reason)."""
     from histoclass.data.manifest import read_manifest, resolve_data, select
+    from histoclass.predict import expand_inputs
 
     items: list[tuple[str, str]] = []
     if manifest is not None:
@@ -50,65 +45,28 @@ def _items(images: list[str], manifest: Path | None, split: str,
         labels = rows[col] if col in rows.columns else [""] * len(rows)
         items += [(p, lab if lab in classes else "") for p, lab in zip(rows["path"], labels,
                                                                        strict=True)]
-    for text in images:
-        path = resolve_data(text)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise ValueError(f"{path}: no images found (looked for "
-                                 f"{', '.join(sorted(IMAGE_SUFFIXES))})")
-            items += [(str(p), _true_label(p, classes)) for p in found]
-        elif path.exists():
-            items.append((str(path), _true_label(path, classes)))
-        else:
-            raise FileNotFoundError(f"{path}: no such image or folder")
+    info, skipped = expand_inputs([resolve_data(t) for t in images])
+    items += [(r["path"], _true_label(r, classes)) for r in info.to_dict("records")]
     if not items:
-        raise ValueError("no images: give images/folders after the model(s), or --manifest")
-    return items
+        raise ValueError("no images: give images/folders after the model(s), or --manifest"
+                         + "".join(f"; {p}: {why}" for p, why in skipped))
+    return items, skipped
 
 
-def _members(models: list[str], weights: str | None):
-    """Member checkpoints as explain.Member tuples, with their shared class names."""
-    from histoclass.explain_ensemble import load_member
+def _model(models: list[str], weights: str | None):
+    """One model file as it is, or several member checkpoints as a soft (or, with
+    ``--ensemble-weights``, weighted) ensemble."""
+    from histoclass.models import ensemble_of, load_model_file
 
-    ws = [1.0] * len(models)
-    if weights:
-        ws = [float(w) for w in weights.split(",")]
-        if len(ws) != len(models):
-            raise ValueError(f"--ensemble-weights has {len(ws)} value(s) for {len(models)} "
-                             "model(s); give one weight per checkpoint")
-    members, classes = [], None
-    for path, w in zip(models, ws, strict=True):
-        if _is_ensemble(path):
-            if len(models) > 1:
-                raise ValueError(f"{path} is an ensemble file: explain it alone, not with "
-                                 f"other checkpoints ({', '.join(models)})")
-            from histoclass.explain_ensemble import ensemble_members
-            from histoclass.models.ensemble import load_model_file
-
-            ens = load_model_file(path)
-            members, fuse = ensemble_members(ens)
-            return members, list(ens.classes), fuse
-        member, meta = load_member(path, w)
-        if classes is not None and meta["classes"] != classes:
-            raise ValueError(f"{path}: classes {meta['classes']} differ from {classes} of "
-                             f"{models[0]}; ensemble members must share classes")
-        classes = meta["classes"]
-        members.append(member)
-    return members, classes, None
-
-
-def _is_ensemble(path: str) -> bool:
-    import torch
-
-    from histoclass.models.ensemble import FORMAT
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not a torch file: load_member below names the problem
-        return False
-    return isinstance(obj, dict) and obj.get("format") == FORMAT
+    loaded = [load_model_file(p) for p in models]
+    if len(loaded) == 1:
+        return loaded[0]
+    for path, ens in zip(models, loaded, strict=True):
+        if ens.is_ensemble:
+            raise ValueError(f"{path} is an ensemble file: explain it alone, not with other "
+                             f"checkpoints ({', '.join(models)})")
+    ws = [float(w) for w in weights.split(",")] if weights else None
+    return ensemble_of([e.members[0] for e in loaded], models, ws)
 
 
 def explain(
@@ -127,6 +85,8 @@ def explain(
         None, help="Comma-separated weights for several member checkpoints (soft ensemble)."
     ),
     alpha: float = typer.Option(0.4, help="Overlay opacity."),
+    maps: bool = typer.Option(False, "--maps", help="Also write each (fused) map as "
+                              "<name>.cam.npy: float32 in [0, 1] at the image's resolution."),
     score: bool = typer.Option(False, "--score", help="Print a faithfulness table (deletion/"
                                "insertion per method) instead of writing figures."),
     methods: str = typer.Option("gradcam,gradcam++,hirescam,eigencam,layercam",
@@ -145,21 +105,23 @@ def explain(
         torch.set_num_threads(threads)
 
     from histoclass.data.images import ImageLoadError
+    from histoclass.models import CheckpointError
 
-    with user_errors(ImageLoadError):
+    with user_errors(ImageLoadError, CheckpointError):
         models, images = _split_inputs(inputs)
-        members, classes, fuse = _members(models, ensemble_weights)
-        items = _items(images, manifest, split, classes)
+        ens = _model(models, ensemble_weights)
+        items, skipped = _items(images, manifest, split, ens.classes)
         if score:
-            _score(members, classes, items, methods, klass, layer, steps, road)
+            _score(ens, items, methods, klass, layer, steps, road)
             return
         if out is None:
             raise ValueError("--out DIR is required (or use --score)")
-        from histoclass.explain_gallery import explain_batch
+        from histoclass.explain import explain_batch
 
         logging.getLogger("histoclass").setLevel(logging.INFO)
-        result = explain_batch(members, classes, items, out, method=method, target=klass,
-                               layer=layer, alpha=alpha, progress=len(items) > 1, fuse=fuse)
+        result = explain_batch(ens, items, out, method=method, target=klass, layer=layer,
+                               alpha=alpha, maps=maps, skipped=skipped,
+                               progress=len(items) > 1)
     for name, why in result.skipped:
         typer.secho(f"skipped {name}: {why}", fg=typer.colors.YELLOW)
     wrong = sum(r["correct"] == "no" for r in result.rows)
@@ -167,10 +129,9 @@ def explain(
                f"{len(result.skipped)}; gallery: {result.gallery}")
 
 
-def _score(members, classes, items, methods, klass, layer, steps, road) -> None:
+def _score(ens, items, methods, klass, layer, steps, road) -> None:
     from histoclass.data.images import ImageLoadError, load_rgb, to_array
-    from histoclass.explain import METHODS
-    from histoclass.faithfulness import format_table, score_methods
+    from histoclass.explain import METHODS, format_table, score_methods
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in chosen if m not in METHODS]
@@ -184,8 +145,8 @@ def _score(members, classes, items, methods, klass, layer, steps, road) -> None:
             typer.secho(f"skipped {exc}", fg=typer.colors.YELLOW)
     if not images:
         raise ValueError("no readable images to score")
-    for m in members:
-        rows = score_methods(m.model, m.preprocess, images, classes, chosen, target=klass,
+    for m in ens.members:
+        rows = score_methods(m.model, m.preprocess, images, ens.classes, chosen, target=klass,
                              layer=layer, steps=steps, road=road, stain=m.stain)
         typer.echo(f"{m.name}: faithfulness on {len(images)} image(s) (higher insertion and "
                    "ins_minus_del, lower deletion = more faithful; compare with random)")

@@ -19,7 +19,7 @@ def predict(
     out: Path = typer.Option(..., "--out", help="Predictions CSV (skipped.csv goes beside it)."),
     tta: bool = typer.Option(False, "--tta", help="Average the 8 flips/90-degree rotations."),
     batch_size: int = typer.Option(16, help="Images per forward pass."),
-    workers: int = typer.Option(2, help="Decoding processes."),
+    workers: int = typer.Option(2, help="Decoding threads (overlapped with inference)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1..."),
     refer_threshold: float = typer.Option(
         None, help="Flag refer=1 above this member disagreement (default: the ensemble's)."),
@@ -27,34 +27,21 @@ def predict(
                                 "histoclass export, run with ONNX Runtime)."),
 ) -> None:
     """Predict images, folders or a manifest split with a checkpoint or an ensemble."""
-    from histoclass.models.checkpoint import CheckpointError
-    from histoclass.models.ensemble import load_model_file
-    from histoclass.predict import (
-        expand_inputs,
-        predict_manifest,
-        predict_paths,
-        resolve_device,
-        write_predictions,
-    )
+    from histoclass.api import open_classifier
+    from histoclass.models import CheckpointError
+    from histoclass.predict import expand_inputs, predict_manifest, predict_paths, write_predictions
 
     with user_errors(CheckpointError):
         if (manifest is None) == (not inputs):
             raise ValueError("give either --manifest or image files/folders, not both or neither")
-        if backend == "onnx" or str(model).endswith(".onnx"):
-            from histoclass.onnx_backend import OnnxClassifier
-
-            ens = OnnxClassifier(model)
-        elif backend == "torch":
-            ens = load_model_file(model, resolve_device(device))
-        else:
-            raise ValueError(f"unknown backend {backend!r}; choose torch or onnx")
+        clf = open_classifier(model, backend, device)
         kw = {"tta": tta, "batch_size": batch_size, "workers": workers,
               "refer_threshold": refer_threshold, "progress": True}
         if manifest is not None:
-            pred = predict_manifest(ens, manifest, split, fold, **kw)
+            pred = predict_manifest(clf, manifest, split, fold, **kw)
         else:
             info, skipped = expand_inputs(inputs)
-            pred = predict_paths(ens, list(info["path"]), info=info, **kw)
+            pred = predict_paths(clf, list(info["path"]), info=info, **kw)
             pred = pred._replace(skipped=skipped + pred.skipped)
         csv, skipped_csv = write_predictions(pred, out)
     if pred.skipped:
@@ -85,21 +72,19 @@ def ensemble(
                                           "flagged refer=1 (stored in the file)."),
     seed: int = typer.Option(0, help="Inner fit/stop split of validation and head init."),
     batch_size: int = typer.Option(16, help="Images per forward pass."),
-    workers: int = typer.Option(2, help="Decoding processes."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda..."),
+    workers: int = typer.Option(2, help="Decoding threads."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1..."),
 ) -> None:
     """Combine member checkpoints into an ensemble file, fitted on validation only."""
-    from histoclass.ensembling import fit_ensemble, preset_members
-    from histoclass.models.checkpoint import CheckpointError
-    from histoclass.predict import resolve_device
+    from histoclass.models import CheckpointError
+    from histoclass.train import fit_ensemble, preset_members
 
     with user_errors(CheckpointError):
         if preset and members:
             raise ValueError("give member checkpoints or --preset, not both")
         paths = preset_members(preset, runs) if preset else list(members or [])
         ens = fit_ensemble(paths, method, manifest, fold=fold, refer_threshold=refer_threshold,
-                           seed=seed, batch_size=batch_size, workers=workers,
-                           device=resolve_device(device))
+                           seed=seed, batch_size=batch_size, workers=workers, device=device)
         path = ens.save(out)
     fit = ens.fit
     detail = ""

@@ -20,7 +20,7 @@ def export(
                                "sample and print the largest probability difference."),
 ) -> None:
     """Export MODEL to ONNX with its preprocessing, classes and stain embedded."""
-    from histoclass.export import export_onnx
+    from histoclass.deploy.export import export_onnx
 
     with user_errors(RuntimeError):
         cal = None

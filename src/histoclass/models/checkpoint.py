@@ -164,13 +164,15 @@ def stain_of(meta: dict[str, Any], where: str | Path = "checkpoint") -> Any:
 
     Every consumer of checkpoints (predict, explain, export, serve) goes through this, so all
     apply exactly the normaliser training used.
+
+    Raises:
+        CheckpointError: The stored target is not one histoclass.stain can rebuild.
     """
     if not meta.get("stain"):
         return None
+    from histoclass.stain import from_dict  # looked up at call time: numpy-only, light
+
     try:
-        from histoclass.stain import from_dict
-    except ImportError as exc:
-        raise CheckpointError(
-            f"{where}: trained with stain normalisation ({meta['stain'].get('method', '?')}) but "
-            f"histoclass.stain cannot be imported ({exc})") from None
-    return from_dict(meta["stain"])
+        return from_dict(meta["stain"])
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: stored stain target is unusable ({exc})") from None

@@ -1,28 +1,11 @@
-"""Ensembles of member checkpoints, and the one loader for every model file.
+"""The PyTorch :class:`Ensemble` (a lone member is an ensemble of one) and the one loader.
 
-Uniform interface (predict, explain, export and serve use only this):
 :func:`load_model_file` reads a member checkpoint *or* an ensemble file and returns an
-:class:`Ensemble`; a lone checkpoint is an ensemble of one with ``method == "single"``. It has
-
-* ``.classes``, ``.task``, ``.method``, ``.is_ensemble``, ``.refer_threshold``;
-* ``.members``: list of :class:`Member` ``(name, model, meta, preprocess, stain)`` (``stain`` is
-  the fitted normaliser or ``None``), models in eval mode;
-* ``.prepare(pil_rgb_image)``: one normalised ``3xHxW`` input per member (stain, resize, normalise
-  with that member's own settings, since members differ in input size);
-* ``.predict_proba(inputs, tta=False)``: ``inputs`` is one batch per member; returns
-  :class:`Output` ``(proba [N,C], pred [N], members [M,N,C], disagreement [N])``;
-* ``.to(device)``.
-
-Rules (``members`` are the members' softmax probabilities):
-``soft`` unweighted mean; ``weighted`` weighted mean (non-negative weights summing to 1, fitted
-on validation); ``hard`` majority vote, ``proba`` is the vote share and a tie is broken by the
-soft average among the tied classes; ``stack`` logistic regression on the members'
-probabilities (``p_malignant`` per member for two classes, every class otherwise); ``concat`` a
-small head on the frozen members' concatenated pooled features (:mod:`histoclass.models.concat`).
-
-Disagreement: ``hard``: share of members voting against the result; otherwise the standard
-deviation of the members' ``p_malignant`` (two classes) or their mean total-variation distance
-from the mean distribution (more classes). ``refer`` flags disagreement above ``refer_threshold``.
+:class:`Ensemble`, which implements :class:`~histoclass.models.classifier.Classifier`; predict,
+explain, export and serve use nothing else. Its members are :class:`Member` tuples ``(name,
+model, meta, preprocess, stain)``, models in eval mode. The combining rules and the
+disagreement measure are in :mod:`histoclass.models.voting`; the concatenation head in
+:mod:`histoclass.models.concat`.
 
 Ensemble file: ``torch.save`` of plain types and tensors (read with ``weights_only=True``):
 ``format`` ``histoclass-ensemble``, ``version``, ``kind`` ``ensemble``, ``method``, ``classes``,
@@ -34,13 +17,14 @@ A member file that changed or is missing is an error naming it.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from histoclass.data.transforms import Preprocess
@@ -55,13 +39,15 @@ from histoclass.models.checkpoint import (
     preprocess_of,
     stain_of,
 )
+from histoclass.models.classifier import Preparation, Scores
 from histoclass.models.concat import ConcatHead, features_and_logits
+from histoclass.models.members import member_names
 from histoclass.models.voting import METHODS, combine, dihedral, disagreement, stack_features
 
-log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_REFER", "METHODS", "Ensemble", "Member", "Output", "combine", "dihedral",
-    "disagreement", "load_member", "load_model_file", "stack_features", "stain_of",
+    "disagreement", "ensemble_of", "load_member", "load_model_file", "normalised_weights",
+    "stack_features",
 ]
 FORMAT = "histoclass-ensemble"
 VERSION = 1
@@ -69,7 +55,7 @@ DEFAULT_REFER = 0.25
 
 
 class Member(NamedTuple):
-    """One network of an ensemble, with what it needs to read an image."""
+    """One network with what it needs to read an image: the one member type of histoclass."""
 
     name: str
     model: nn.Module
@@ -79,7 +65,7 @@ class Member(NamedTuple):
 
 
 class Output(NamedTuple):
-    """What :meth:`Ensemble.predict_proba` returns for a batch of N images."""
+    """What :meth:`Ensemble.predict_proba` returns for a batch of N images (tensors)."""
 
     proba: torch.Tensor  # [N, C]
     pred: torch.Tensor  # [N] class index
@@ -87,8 +73,7 @@ class Output(NamedTuple):
     disagreement: torch.Tensor  # [N]
 
 
-
-def load_member(path: str | Path, name: str | None = None, device: str = "cpu",
+def load_member(path: str | Path, name: str | None = None, device: str | torch.device = "cpu",
                 checkpoint: dict[str, Any] | None = None) -> Member:
     """A member checkpoint as a :class:`Member` (named after its ``arch`` by default);
     ``checkpoint`` is the file's checked content if the caller has already read it."""
@@ -98,7 +83,7 @@ def load_member(path: str | Path, name: str | None = None, device: str = "cpu",
 
 
 class Ensemble:
-    """Members plus a rule that combines them (see the module docstring)."""
+    """Members plus a rule that combines them (see :mod:`histoclass.models.voting`)."""
 
     def __init__(self, members: Sequence[Member], method: str = "soft", *,
                  weights: Sequence[float] | None = None, stack: dict[str, Any] | None = None,
@@ -119,7 +104,7 @@ class Ensemble:
             raise ValueError(f"method {method!r} needs fitted parameters (use fit_ensemble)")
         self.members, self.method = list(members), method
         self.classes: list[str] = list(first.meta["classes"])
-        self.task: str = members[0].meta.get("task", "binary")
+        self.task: str = first.meta.get("task", "binary")
         self.weights = list(weights) if weights is not None else None
         self.stack, self.head = stack, head
         self.refer_threshold = float(refer_threshold)
@@ -127,11 +112,41 @@ class Ensemble:
         self.fit = fit or {}
         self.device = torch.device("cpu")
 
+    # -- the Classifier interface ---------------------------------------------------------------
+    @property
+    def member_names(self) -> list[str]:
+        """Member names, in member order."""
+        return [m.name for m in self.members]
+
     @property
     def is_ensemble(self) -> bool:
         """False for a lone member checkpoint."""
         return self.method != "single"
 
+    @property
+    def preparation(self) -> Preparation:
+        """Each member's stain -> resize -> normalise (members differ in input size)."""
+        return Preparation(tuple((m.preprocess, m.stain) for m in self.members))
+
+    def describe(self) -> dict[str, Any]:
+        """Members, their preprocessing and stain normalisers, in plain types."""
+        return {"method": self.method, "classes": self.classes, "task": self.task,
+                "members": [{"name": m.name, "arch": m.meta.get("arch", ""),
+                             "preprocess": m.preprocess.to_dict(),
+                             "stain": m.meta.get("stain")} for m in self.members]}
+
+    def predict_prepared(self, items: Sequence[list[torch.Tensor]], tta: bool = False) -> Scores:
+        """Scores for items of :attr:`preparation`; ``tta`` averages the 8 dihedral views."""
+        out = self.predict_proba(self.collate(items), tta=tta)
+        return Scores(*(t.cpu().numpy() for t in out))
+
+    def predict_images(self, images: Sequence[np.ndarray | Image.Image], tta: bool = False
+                       ) -> Scores:
+        """Scores for decoded RGB images (``HxWx3`` uint8 arrays or PIL images)."""
+        prepare = self.preparation
+        return self.predict_prepared([prepare(img) for img in images], tta=tta)
+
+    # -- PyTorch ----------------------------------------------------------------------------------
     def to(self, device: str | torch.device) -> Ensemble:
         """Move every network to ``device``."""
         self.device = torch.device(device)
@@ -141,16 +156,13 @@ class Ensemble:
             self.head.to(self.device)
         return self
 
-    def prepare(self, img: Any) -> list[torch.Tensor]:
-        """One normalised input per member from an RGB PIL image."""
-        import numpy as np
-        from PIL import Image
+    def collate(self, items: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Items of :attr:`preparation` as one ``[N, 3, H, W]`` batch per member."""
+        return [torch.stack([item[m] for item in items]) for m in range(len(self.members))]
 
-        out = []
-        for m in self.members:
-            src = img if m.stain is None else Image.fromarray(m.stain(np.asarray(img)))
-            out.append(m.preprocess.normalize(m.preprocess.resize(src)))
-        return out
+    def prepare(self, image: Any) -> list[torch.Tensor]:
+        """One normalised ``3xHxW`` input per member for one RGB image (PIL or array)."""
+        return self.preparation(image)
 
     @torch.no_grad()
     def forward(self, inputs: Sequence[torch.Tensor], features: bool = False
@@ -184,6 +196,7 @@ class Ensemble:
             proba, pred = combine(self.method, members, weights=self.weights, stack=self.stack)
         return Output(proba, pred, members, disagreement(self.method, members, pred))
 
+    # -- the ensemble file ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the ensemble file (members are referenced by path and sha256, not copied)."""
         if len(self.member_paths) != len(self.members):
@@ -226,7 +239,7 @@ def _member_file(path: Path, entry: dict[str, Any]) -> Path:
                           f"(looked in {path.parent} and {entry['abs_path']})")
 
 
-def load_model_file(path: str | Path, device: str = "cpu") -> Ensemble:
+def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
     """Load a member checkpoint (as an ensemble of one) or an ensemble file, in eval mode."""
     path = Path(path)
     obj = load_file(path, "model file")
@@ -248,3 +261,30 @@ def load_model_file(path: str | Path, device: str = "cpu") -> Ensemble:
     return Ensemble(members, obj["method"], weights=obj.get("weights"), stack=obj.get("stack"),
                     head=head, refer_threshold=obj.get("refer_threshold", DEFAULT_REFER),
                     member_paths=files, fit=obj.get("fit")).to(device)
+
+
+def normalised_weights(weights: Sequence[float], n: int) -> list[float]:
+    """``weights`` scaled to sum 1.
+
+    Raises:
+        ValueError: Not ``n`` weights, or weights that are negative or sum to zero.
+    """
+    w = np.asarray(weights, dtype=float)
+    if len(w) != n:
+        raise ValueError(f"{len(w)} weight(s) for {n} model(s); give one weight per checkpoint")
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"ensemble weights must be >= 0 with a positive sum, got {w.tolist()}")
+    return (w / w.sum()).tolist()
+
+
+def ensemble_of(members: Sequence[Member], paths: Sequence[str | Path],
+                weights: Sequence[float] | None = None, *,
+                refer_threshold: float = DEFAULT_REFER) -> Ensemble:
+    """Members of the files ``paths`` combined without fitting: ``soft``, or ``weighted`` by
+    :func:`normalised_weights`. Members are renamed by :func:`member_names` (their arch, with
+    the run folder when an arch repeats)."""
+    names = member_names(paths, [m.meta.get("arch", m.name) for m in members])
+    members = [m._replace(name=n) for m, n in zip(members, names, strict=True)]
+    w = None if weights is None else normalised_weights(weights, len(members))
+    return Ensemble(members, "soft" if w is None else "weighted", weights=w,
+                    refer_threshold=refer_threshold, member_paths=paths)

@@ -8,6 +8,9 @@ and the ``.in1k`` tag.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 MEMBERS: dict[str, str] = {
     "v1-b0": "tf_efficientnet_b0.in1k",
     "v1-b1": "tf_efficientnet_b1.in1k",
@@ -22,6 +25,9 @@ MEMBERS: dict[str, str] = {
 }
 V1_FAMILY = ("v1-b0", "v1-b1", "v1-b2", "v1-b3", "v1-b4")
 V2_FAMILY = ("v2-b0", "v2-b1", "v2-b2", "v2-b3", "v2-s")
+# Named groups of members (``histoclass ensemble --preset``, ``members: v1`` in run configs).
+FAMILIES: dict[str, tuple[str, ...]] = {"v1": V1_FAMILY, "v2": V2_FAMILY,
+                                        "all": V1_FAMILY + V2_FAMILY}
 
 
 def resolve_arch(name: str) -> str:
@@ -43,6 +49,20 @@ def resolve_arch(name: str) -> str:
         f"unknown model {name!r}; use a member ({', '.join(MEMBERS)}) or a timm name"
         + (f" such as {', '.join(close)}" if close else "")
     )
+
+
+def member_names(paths: Sequence[str | Path], archs: Sequence[str]) -> list[str]:
+    """Names for the members of one ensemble: their ``arch``; a repeated arch gets its run
+    folder (``runs/<run>/best.pt``) or file stem appended (``v2-b0@fold1``)."""
+    out: list[str] = []
+    for p, a in zip(paths, archs, strict=True):
+        p = Path(p)
+        where = p.parent.name if p.stem in ("best", "last") else p.stem
+        name = a if list(archs).count(a) == 1 else f"{a}@{where}"
+        while name in out:
+            name += "+"
+        out.append(name)
+    return out
 
 
 def member_table() -> list[dict[str, object]]:

@@ -1,6 +1,16 @@
 """Voting rules on members' probabilities, member disagreement, and the 8 TTA views.
 
-Pure tensor functions (see :mod:`histoclass.models.ensemble` for what each rule means).
+Pure tensor functions. Rules (``members`` are the members' softmax probabilities ``[M, N, C]``):
+``soft`` unweighted mean; ``weighted`` weighted mean (non-negative weights summing to 1, fitted
+on validation); ``hard`` majority vote, ``proba`` is the vote share and a tie is broken by the
+soft average among the tied classes; ``stack`` logistic regression on the members'
+probabilities (``p_malignant`` per member for two classes, every class otherwise); ``concat`` a
+small head on the frozen members' concatenated pooled features (:mod:`histoclass.models.concat`).
+
+Disagreement: ``hard``: share of members voting against the result; otherwise the standard
+deviation of the members' ``p_malignant`` (two classes) or their mean total-variation distance
+from the mean distribution (more classes). ``refer`` flags disagreement above the ensemble's
+``refer_threshold``.
 """
 
 from __future__ import annotations

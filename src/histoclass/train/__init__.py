@@ -9,14 +9,14 @@ The package reads top-down, each module importing only those above it:
 * :mod:`~histoclass.train.records`: RNG state, ``config.yaml``, ``history.csv``, curves.
 * :mod:`~histoclass.train.loop`: :func:`train`, the driver of one run.
 * :mod:`~histoclass.train.many`: :func:`train_all`, several members in turn.
+* :mod:`~histoclass.train.ensembles`: :func:`fit_ensemble`, an ensemble fitted on validation.
 """
 
 from histoclass.train.config import TrainConfig
+from histoclass.train.ensembles import fit_ensemble, preset_members
 from histoclass.train.epoch import NonFiniteLossError
 from histoclass.train.loop import train
 from histoclass.train.many import finished, train_all
 
-# --- ensembles: reserved for `from histoclass.train.ensembles import fit_ensemble,
-# preset_members` (added separately; add both names to __all__ with it) ---
-
-__all__ = ["NonFiniteLossError", "TrainConfig", "finished", "train", "train_all"]
+__all__ = ["NonFiniteLossError", "TrainConfig", "finished", "fit_ensemble", "preset_members",
+           "train", "train_all"]

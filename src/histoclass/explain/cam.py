@@ -25,11 +25,14 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from histoclass.data.transforms import Preprocess
+from histoclass.models.classifier import Preparation
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +41,6 @@ METHODS: dict[str, str] = {
     "eigencam": "EigenCAM", "layercam": "LayerCAM",
 }
 _LAYER_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.SiLU, nn.ReLU, nn.GELU)
-
-
-class Member(NamedTuple):
-    """One ensemble member: a plain 4-tuple ``(name, model, preprocess, weight)`` also works."""
-
-    name: str
-    model: nn.Module
-    preprocess: Any  # histoclass.data.transforms.Preprocess
-    weight: float = 1.0
-    stain: Any = None  # callable uint8 HxWx3 -> uint8 HxWx3, or None
 
 
 @dataclass
@@ -210,16 +203,14 @@ def class_index(target: str | int | None, classes: list[str]) -> int | None:
     raise ValueError(f"unknown class {target!r}; choose predicted or one of {', '.join(classes)}")
 
 
-def model_input(image: np.ndarray, preprocess: Any, stain: Any = None) -> torch.Tensor:
-    """Original ``HxWx3`` uint8 image -> normalised ``1x3xhxw`` model input."""
-    from PIL import Image
-
-    if stain is not None:
-        image = stain(image)
-    return preprocess.normalize(np.array(preprocess.resize(Image.fromarray(image)))).unsqueeze(0)
+def model_input(image: np.ndarray, preprocess: Preprocess, stain: Any = None) -> torch.Tensor:
+    """Original ``HxWx3`` uint8 image -> normalised ``1x3xhxw`` model input (the one
+    preparation path of :class:`~histoclass.models.classifier.Preparation`)."""
+    return Preparation(((preprocess, stain),))(image)[0].unsqueeze(0)
 
 
-def explain_image(model: nn.Module, image: np.ndarray, preprocess: Any, classes: list[str], *,
+def explain_image(model: nn.Module, image: np.ndarray, preprocess: Preprocess,
+                  classes: list[str], *,
                   method: str = "gradcam", target: str | int | None = "predicted",
                   layer: str | None = None, stain: Any = None) -> Explanation:
     """Explain one model's output on one original-resolution ``HxWx3`` uint8 image.

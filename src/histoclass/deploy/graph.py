@@ -1,6 +1,6 @@
-"""Small ONNX graph passes that prepare an exported model for INT8 quantisation.
+"""Small ONNX graph passes: the file's metadata, and preparing a model for INT8 quantisation.
 
-Each works in place on an ``onnx.ModelProto``. They find the parts that must stay float (the
+The passes work in place on an ``onnx.ModelProto``. They find the parts that must stay float (the
 pixels' path into each stem, and the classifier with all that follows it) and rewrite the one
 pattern ORT cannot run in int8 (a spatial ``ReduceMean``) into its int8-capable equivalent.
 """
@@ -8,9 +8,28 @@ pattern ORT cannot run in int8 (a spatial ``ReduceMean``) into its int8-capable 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The file's ``metadata_props`` as a dict."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def set_metadata(path: str | Path, meta: dict[str, str]) -> None:
+    """Replace the file's ``metadata_props`` with ``meta``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(path))
 
 
 def name_nodes(model: Any) -> None:

@@ -11,7 +11,7 @@ with a dequantise/quantise pair around each one, and runs no faster than FP32. S
 quantised end to end: Sigmoid, Mul and Add become ORT's QLinearSigmoid/QLinearMul/QLinearAdd,
 and the squeeze-excitation means (``ReduceMean`` over H, W, as the exporter writes them) are
 rewritten to the equivalent ``GlobalAveragePool``, which has an int8 kernel (the graph passes
-are in :mod:`histoclass.onnx_graph`). What stays float: the input normalisation and each
+are in :mod:`histoclass.deploy.graph`). What stays float: the input normalisation and each
 member's stem conv (they see the image itself), and each classifier (the dense layer with one
 output per class) with everything after it (logits, softmax, the ensemble rule: probabilities
 must not move in 8-bit steps).
@@ -41,7 +41,7 @@ class _Reader:
     """``onnxruntime.quantization.CalibrationDataReader`` over image files, one per call."""
 
     def __init__(self, paths: Sequence[str | Path], fp32: Path) -> None:
-        from histoclass.onnx_backend import OnnxClassifier
+        from histoclass.deploy.runtime import OnnxClassifier
 
         self.clf = OnnxClassifier(fp32)
         self.paths = list(paths)
@@ -76,14 +76,19 @@ def quantize_static_int8(fp32: str | Path, out: str | Path,
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from histoclass.export import set_metadata
-    from histoclass.onnx_graph import float_nodes, name_nodes, spatial_means_to_pool
+    from histoclass.deploy.graph import (
+        float_nodes,
+        name_nodes,
+        read_metadata,
+        set_metadata,
+        spatial_means_to_pool,
+    )
 
     fp32, out = Path(fp32), Path(out)
     paths = list(calibration) if calibration else default_calibration()
     if not paths:
         raise ValueError("INT8 quantisation needs calibration images; none given")
-    meta = {p.key: p.value for p in onnx.load(str(fp32)).metadata_props}
+    meta = read_metadata(fp32)
     src, pre = out.with_name(out.stem + ".src.onnx"), out.with_name(out.stem + ".pre.onnx")
     try:
         model = onnx.load(str(fp32))

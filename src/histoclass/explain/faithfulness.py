@@ -19,7 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from histoclass.explain import class_index, compute_cam, find_target_layer, model_input
+from histoclass.explain.cam import (
+    class_index,
+    compute_cam,
+    find_target_layer,
+    model_input,
+    resize_map,
+)
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +83,6 @@ def road_score(model: nn.Module, x: torch.Tensor, cam: np.ndarray, target: int,
 
 
 def _random_cam(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    from histoclass.explain import resize_map
-
     coarse = rng.random((7, 7)).astype(np.float32)  # as coarse as a CAM at stride 32
     return resize_map(coarse, (shape[1], shape[0]))
 

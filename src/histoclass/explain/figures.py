@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from histoclass.explain import Explanation
-from histoclass.explain_ensemble import EnsembleExplanation
+from histoclass.explain.cam import Explanation
+from histoclass.explain.ensemble import EnsembleExplanation
 
 # Pixels per inch for figures whose panels show the image at (close to) full resolution.
 _DPI = 100

@@ -5,7 +5,7 @@ The graph takes one input, ``image``: the decoded, resized image as uint8 ``[N, 
 std) and the NHWC -> NCHW transpose run inside the graph, so a caller hands ONNX Runtime the bytes
 it decoded, with no float copy made in Python (a quarter of the bytes, and ORT's kernels do the
 arithmetic). ``uint8_input=False`` writes the older float32 ``[N, 3, H, W]`` normalised input,
-which :class:`~histoclass.onnx_backend.OnnxClassifier` still reads. Outputs are
+which :class:`~histoclass.deploy.runtime.OnnxClassifier` still reads. Outputs are
 **probabilities** (softmax inside the graph, so callers never re-implement the combining rule):
 
 * ``probs`` ``[N, C]``: the model's (ensemble's) class probabilities;
@@ -38,6 +38,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from histoclass.deploy.graph import set_metadata
+from histoclass.models.ensemble import Ensemble, load_model_file
+from histoclass.models.voting import combine, disagreement
+
 log = logging.getLogger(__name__)
 FORMAT = "histoclass-onnx"
 
@@ -46,11 +50,11 @@ class ExportModule(nn.Module):
     """A member or an ensemble as one module: image in, probabilities out.
 
     Args:
-        ens: A loaded member or ensemble (``histoclass.torch_engine.load_any``).
+        ens: A loaded member or ensemble (:func:`histoclass.models.load_model_file`).
         uint8_input: Take uint8 ``NHWC`` and normalise inside; else normalised float ``NCHW``.
     """
 
-    def __init__(self, ens: Any, uint8_input: bool = True) -> None:
+    def __init__(self, ens: Ensemble, uint8_input: bool = True) -> None:
         super().__init__()
         members = list(ens.members)
         stains = {json.dumps(m.meta.get("stain"), sort_keys=True) for m in members}
@@ -77,9 +81,8 @@ class ExportModule(nn.Module):
             self.register_buffer(f"scale{i}", (std0 / std).view(1, 3, 1, 1))
             self.register_buffer(f"shift{i}", ((mean0 - mean) / std).view(1, 3, 1, 1))
             self.renorm.append((f"scale{i}", f"shift{i}"))
-        self.weights = getattr(ens, "weights", None)
-        self.stack = getattr(ens, "stack", None)
-        self.head = getattr(ens, "head", None) if self.method == "concat" else None
+        self.weights, self.stack = ens.weights, ens.stack
+        self.head = ens.head if self.method == "concat" else None
 
     def forward(self, x: torch.Tensor) -> Any:
         if self.uint8_input:
@@ -101,8 +104,6 @@ class ExportModule(nn.Module):
             probs.append(logits.float().softmax(-1))
         if self.method == "single":
             return probs[0]
-        from histoclass.models.ensemble import combine, disagreement
-
         members = torch.stack(probs)
         if self.head is not None:
             proba = self.head(torch.cat(feats, 1)).float().softmax(-1)
@@ -112,7 +113,7 @@ class ExportModule(nn.Module):
         return proba, members.transpose(0, 1), disagreement(self.method, members, pred)
 
 
-def metadata_of(ens: Any, module: ExportModule, quantization: str = "none") -> dict[str, str]:
+def metadata_of(ens: Ensemble, module: ExportModule, quantization: str = "none") -> dict[str, str]:
     """The ``metadata_props`` written into the ONNX file (all values are strings)."""
     from histoclass import __version__
 
@@ -127,17 +128,6 @@ def metadata_of(ens: Any, module: ExportModule, quantization: str = "none") -> d
         "input": "uint8-nhwc" if module.uint8_input else "float32-nchw-normalised",
         "quantization": quantization, "histoclass_version": __version__,
     }
-
-
-def set_metadata(path: str | Path, meta: dict[str, str]) -> None:
-    """Replace the file's ``metadata_props`` with ``meta``."""
-    import onnx
-
-    model = onnx.load(str(path))
-    del model.metadata_props[:]
-    for k, v in meta.items():
-        model.metadata_props.add(key=k, value=v)
-    onnx.save(model, str(path))
 
 
 def export_module(module: nn.Module, x: torch.Tensor, out: Path, outputs: list[str]) -> None:
@@ -163,13 +153,11 @@ def export_onnx(model_path: str | Path, out: str | Path, *, int8: bool = False,
             default); ``False`` for a normalised float32 ``NCHW`` input (the bare network, as
             raw-ORT baselines and callers with their own tensors want).
     """
-    from histoclass.torch_engine import load_any
-
     out = Path(out)
     if out.suffix != ".onnx":
         raise ValueError(f"output {out} must end with .onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
-    ens = load_any(model_path)
+    ens = load_model_file(model_path)
     module = ExportModule(ens, uint8_input).eval()
     h, w = module.preprocess.input_size
     x = (torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8) if uint8_input
@@ -181,7 +169,7 @@ def export_onnx(model_path: str | Path, out: str | Path, *, int8: bool = False,
     set_metadata(fp32, metadata_of(ens, module))
     log.info("exported %s -> %s", model_path, fp32)
     if int8:
-        from histoclass.quantize import quantize_static_int8
+        from histoclass.deploy.quantize import quantize_static_int8
 
         quantize_static_int8(fp32, out, calibration)
     return out

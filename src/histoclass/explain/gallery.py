@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import html
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from histoclass.explain import METHODS, Member, class_index, explain_image, find_target_layer
-from histoclass.explain_ensemble import explain_ensemble
+from histoclass.explain.cam import METHODS, class_index, find_target_layer
+from histoclass.explain.ensemble import explain_model
+from histoclass.models.ensemble import Ensemble
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +40,23 @@ def _unique(stem: str, used: set[str]) -> str:
     return name
 
 
-def explain_batch(members: list[Member], classes: list[str], items: list[tuple[str, str]],
-                  out: str | Path, *, method: str = "gradcam", target: str = "predicted",
-                  layer: str | None = None, alpha: float = 0.4, progress: bool = False,
-                  fuse: Callable[[np.ndarray], np.ndarray] | None = None) -> BatchResult:
+def explain_batch(ens: Ensemble, items: list[tuple[str, str]], out: str | Path, *,
+                  method: str = "gradcam", target: str = "predicted", layer: str | None = None,
+                  alpha: float = 0.4, maps: bool = False,
+                  skipped: Sequence[tuple[str, str]] = (), progress: bool = False
+                  ) -> BatchResult:
     """Explain every image of ``items`` (``(path, true label or "")``) and write a gallery.
 
-    One member gives the three-panel figure; several give the ensemble grid and the fused
-    overlay. Writes ``<name>.png`` (figure), ``<name>.overlay.png`` (full resolution),
-    ``explanations.csv`` and ``index.html`` under ``out``. ``fuse`` gives an ensemble's own
-    probabilities for an image (default: the weighted mean of the members', soft voting).
+    A lone member gives the three-panel figure; an ensemble the study's grid and the fused
+    overlay (:func:`~histoclass.explain.ensemble.explain_model`). Writes ``<name>.png``
+    (figure), ``<name>.overlay.png`` (full resolution), with ``maps`` ``<name>.cam.npy`` (the
+    fused map, float32 at full resolution), ``explanations.csv`` and ``index.html`` under
+    ``out``. ``skipped`` are inputs already left out (listed in the gallery with the rest).
     """
     import pandas as pd
 
     from histoclass.data.images import ImageLoadError, load_rgb, to_array
-    from histoclass.explain_figures import (
+    from histoclass.explain.figures import (
         ensemble_figure,
         explanation_figure,
         save_figure,
@@ -62,12 +65,13 @@ def explain_batch(members: list[Member], classes: list[str], items: list[tuple[s
 
     if method not in METHODS:  # settings errors fail now, not once per image below
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
-    for m in members:
+    for m in ens.members:
         find_target_layer(m.model, layer)
+    classes = ens.classes
     class_index(target, classes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result, used = BatchResult(), set()
+    result, used = BatchResult(skipped=list(skipped)), set()
     iterator: Any = items
     if progress:
         from tqdm import tqdm
@@ -82,29 +86,24 @@ def explain_batch(members: list[Member], classes: list[str], items: list[tuple[s
             continue
         title = Path(path).name
         try:
-            if len(members) == 1:
-                m = members[0]
-                e = explain_image(m.model, image, m.preprocess, classes, method=method,
-                                  target=target, layer=layer, stain=m.stain)
-                fig = explanation_figure(image, e, title, alpha)
-                cam, probs, pred = e.cam, e.probs, e.pred
-            else:
-                ens = explain_ensemble(members, image, classes, method=method, target=target,
-                                       layer=layer, fused_probs=fuse(image) if fuse else None)
-                fig = ensemble_figure(image, ens, title, alpha)
-                cam, probs, pred = ens.cam, ens.probs, ens.pred
+            e = explain_model(ens, image, method=method, target=target, layer=layer)
         except ValueError as exc:  # e.g. a stain normaliser refusing a blank image
             log.warning("skipped %s: %s", path, exc)
             result.skipped.append((title, str(exc)))
             continue
+        fig = (ensemble_figure(image, e, title, alpha) if ens.is_ensemble
+               else explanation_figure(image, e, title, alpha))
         name = _unique(Path(path).stem, used)
         save_figure(fig, out / f"{name}.png")
-        save_overlay(image, cam, out / f"{name}.overlay.png", alpha)
+        save_overlay(image, e.cam, out / f"{name}.overlay.png", alpha)
+        if maps:
+            np.save(out / f"{name}.cam.npy", e.cam.astype(np.float32))
+        pred = e.pred
         row = {"path": str(path), "name": Path(path).name, "figure": f"{name}.png",
                "overlay": f"{name}.overlay.png", "label": label, "pred": classes[pred],
-               "p_pred": float(probs[pred]),
+               "p_pred": float(e.probs[pred]),
                "correct": "" if not label else ("yes" if label == classes[pred] else "no")}
-        row.update({f"p_{c}": float(p) for c, p in zip(classes, probs, strict=True)})
+        row.update({f"p_{c}": float(p) for c, p in zip(classes, e.probs, strict=True)})
         result.rows.append(row)
     pd.DataFrame(result.rows).to_csv(out / "explanations.csv", index=False)
     result.gallery = write_gallery(out, result.rows, result.skipped, classes,

@@ -1,0 +1,150 @@
+"""Build an ensemble from member checkpoints, fitting it on a manifest's validation split only.
+
+Test rows are never read: only ``select(manifest, "val", fold)`` reaches the members. See
+:mod:`histoclass.models.voting` for the rules, :mod:`histoclass.models.ensemble` for the file
+format and :mod:`histoclass.models.fit` for how weights, stacking and the concat head are fitted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from histoclass.models import fit as fitting
+from histoclass.models.concat import fit_head
+from histoclass.models.ensemble import (
+    DEFAULT_REFER,
+    METHODS,
+    Ensemble,
+    ensemble_of,
+    load_member,
+    stack_features,
+)
+from histoclass.models.factory import resolve_device
+from histoclass.models.members import FAMILIES
+from histoclass.predict import prepared_batches
+
+log = logging.getLogger(__name__)
+
+
+def preset_members(preset: str, runs: str | Path) -> list[Path]:
+    """``runs/<name>/best.pt`` for the V1 family (B0-B4), the V2 family (B0-B3, S) or all ten."""
+    if preset not in FAMILIES:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(FAMILIES)}")
+    paths = [Path(runs) / n / "best.pt" for n in FAMILIES[preset]]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"preset {preset}: member checkpoint(s) missing: "
+                                f"{', '.join(missing)} (train them or list members explicitly)")
+    return paths
+
+
+def fit_ensemble(
+    members: Sequence[str | Path],
+    method: str,
+    manifest: str | Path | None = None,
+    *,
+    fold: int | None = None,
+    refer_threshold: float = DEFAULT_REFER,
+    seed: int = 0,
+    inner_frac: float = 0.3,
+    batch_size: int = 16,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+) -> Ensemble:
+    """Load members and fit ``method`` on the validation split of ``manifest``.
+
+    Args:
+        members: Member checkpoint files.
+        method: One of ``soft``, ``weighted``, ``hard``, ``stack``, ``concat``.
+        manifest: Split manifest; needed by the fitted methods (validation rows only are read).
+        fold: Fold of a k-fold manifest.
+        refer_threshold: Disagreement above which an image is flagged ``refer``.
+        seed: Inner fit/stop split and head initialisation.
+        inner_frac: Share of validation patients kept aside for stopping/selection.
+        batch_size: Images per forward pass.
+        workers: Decoding threads.
+        device: Torch device for the members.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown ensemble method {method!r}; choose one of {', '.join(METHODS)}")
+    paths = [Path(p) for p in members]
+    if len(paths) < 2:
+        raise ValueError(f"an ensemble needs at least 2 members, got {len(paths)}")
+    device = resolve_device(device)
+    base = ensemble_of([load_member(p, device=device) for p in paths], paths,
+                       refer_threshold=refer_threshold).to(device)
+
+    def make(fit: dict[str, Any], **params: Any) -> Ensemble:
+        return Ensemble(base.members, method, refer_threshold=refer_threshold,
+                        member_paths=paths, fit=fit, **params).to(device)
+
+    if method in ("soft", "hard"):
+        return make({"manifest": str(manifest) if manifest else None, "fold": fold, "rows": 0})
+    if manifest is None:
+        raise ValueError(f"method {method!r} is fitted on a validation split: give --manifest")
+    frame = _validation(manifest, fold, base)
+    index, probs, feats, skipped = member_outputs(base, list(frame["path"]), method == "concat",
+                                                  batch_size, workers)
+    if skipped:
+        log.warning("fitting without %d unreadable validation image(s)", len(skipped))
+    rows = frame.iloc[index].reset_index(drop=True)
+    target_col = "label" if base.task == "binary" else "subtype"
+    y = torch.tensor([base.classes.index(v) for v in rows[target_col]])
+    fit_rows, stop_rows, how = fitting.inner_split(list(rows["patient_id"]), y.tolist(),
+                                                   inner_frac, seed)
+    fit: dict[str, Any] = {
+        "manifest": str(manifest), "fold": fold, "split": "val", "rows": len(rows),
+        "skipped": len(skipped), "inner_split": how, "fit_rows": len(fit_rows),
+        "stop_rows": len(stop_rows), "seed": seed,
+        "paths": [str(p) for p in rows["path"]],  # exactly what was fitted on (audit trail)
+    }
+    if method == "weighted":
+        return make(fit, weights=fitting.fit_weights(probs, y))
+    if method == "stack":
+        x = stack_features(probs).double().numpy()
+        return make(fit, stack=fitting.fit_stack(x, y.numpy(), fit_rows, stop_rows,
+                                                 len(base.classes)))
+    head, info = fit_head(feats, y, fit_rows, stop_rows, len(base.classes), seed=seed)
+    return make({**fit, **info}, head=head)
+
+
+def member_outputs(ens: Ensemble, paths: list[str], features: bool, batch_size: int = 16,
+                   workers: int = 0
+                   ) -> tuple[list[int], torch.Tensor, torch.Tensor | None, list[tuple[str, str]]]:
+    """Members' probabilities ``[M, N, C]`` (and concatenated pooled features ``[N, F]``) on
+    the readable ``paths``, with their row indices and the skipped files."""
+    index, probs, feats, skipped = [], [], [], []
+    for rows, items, bad in prepared_batches(paths, ens.preparation, batch_size, workers):
+        skipped += bad
+        if not rows:
+            continue
+        p, f = ens.forward(ens.collate(items), features=features)
+        index += rows
+        probs.append(p.cpu())
+        if features:
+            feats.append(torch.cat(f, 1).cpu())
+    if not index:
+        raise ValueError(f"none of the {len(paths)} validation image(s) could be read; "
+                         "an ensemble cannot be fitted")
+    return index, torch.cat(probs, 1), torch.cat(feats) if features else None, skipped
+
+
+def _validation(manifest: str | Path, fold: int | None, ens: Ensemble) -> pd.DataFrame:
+    from histoclass.data.manifest import read_manifest, select
+
+    frame = select(read_manifest(manifest), "val", fold)
+    if frame.empty:
+        raise ValueError(f"{manifest}: no validation rows" + (f" in fold {fold}" if fold else "")
+                         + "; ensembles are fitted on the validation split only")
+    col = "label" if ens.task == "binary" else "subtype"
+    bad = sorted(set(frame[col]) - set(ens.classes))
+    if bad:
+        raise ValueError(f"{manifest}: validation {col} value(s) {bad} not among the members' "
+                         f"classes {ens.classes}")
+    return frame
