@@ -126,7 +126,7 @@ def test_clear_errors(tmp_path, exported):
 
 @pytest.mark.parametrize("method", ["hard", "concat"])
 def test_ensemble_exports_as_one_graph(tmp_path, method):
-    ens = pytest.importorskip("histoclass.models.ensemble", reason="ensembles not in this tree")
+    from histoclass.models import ensemble as ens
     a = make_member(tmp_path / "a.pt", seed=1, bias=[0.0, math.log(9.0)])
     # Another input size (resized inside the graph); a clear vote, so resizing cannot flip it.
     b = make_member(tmp_path / "b.pt", seed=2, size=48, bias=[0.0, 3.0], zero=False)

@@ -141,7 +141,6 @@ def test_bad_settings_name_valid_choices(manifest, tmp_path):
 
 
 def test_stain_normalised_training(manifest, tmp_path):
-    pytest.importorskip("histoclass.stain")
     target = pd.read_csv(manifest)["path"][0]
     best = train(tiny(manifest, tmp_path / "s", stain="reinhard", stain_target=target,
                       hed_jitter=0.05, color_jitter=0.1))

@@ -5,12 +5,7 @@ Data flows one way: ``data``/``stain``/``metrics`` -> ``models`` -> ``predict``/
 a split manifest CSV, a self-describing checkpoint and a predictions CSV.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("histoclass")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
+from histoclass._version import __version__
 
 __all__ = ["__version__", "load"]
 

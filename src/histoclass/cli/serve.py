@@ -20,7 +20,7 @@ def export(
                                "sample and print the largest probability difference."),
 ) -> None:
     """Export MODEL to ONNX with its preprocessing, classes and stain embedded."""
-    from histoclass.deploy.export import export_onnx
+    from histoclass.deploy.export import export_onnx, parity
 
     with user_errors(RuntimeError):
         cal = None
@@ -35,15 +35,10 @@ def export(
         path = export_onnx(model, out, int8=int8, calibration=cal)
     typer.echo(f"wrote {path}")
     if check:
-        from histoclass.api import load
         from histoclass.data.manifest import sample_path
 
         images = sorted(sample_path("breakhis").glob("*.png"))
-        ref = load(model).predict(images)
-        got = load(path).predict(images)
-        diff = max(abs(a.probs[c] - b.probs[c]) for a, b in zip(ref, got, strict=True)
-                   for c in a.probs)
-        agree = sum(a.label == b.label for a, b in zip(ref, got, strict=True))
+        diff, agree = parity(model, path, images)
         typer.echo(f"check on {len(images)} sample images: max |p_onnx - p_torch| = {diff:.2e}, "
                    f"same class {agree}/{len(images)}")
 

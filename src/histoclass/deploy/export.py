@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from histoclass._version import __version__
 from histoclass.deploy.graph import set_metadata
 from histoclass.models.ensemble import Ensemble, load_model_file
 from histoclass.models.voting import combine, disagreement
@@ -115,8 +116,6 @@ class ExportModule(nn.Module):
 
 def metadata_of(ens: Ensemble, module: ExportModule, quantization: str = "none") -> dict[str, str]:
     """The ``metadata_props`` written into the ONNX file (all values are strings)."""
-    from histoclass import __version__
-
     first = ens.members[0].meta
     return {
         "histoclass": FORMAT, "preprocess": json.dumps(module.preprocess.to_dict()),
@@ -173,3 +172,18 @@ def export_onnx(model_path: str | Path, out: str | Path, *, int8: bool = False,
 
         quantize_static_int8(fp32, out, calibration)
     return out
+
+
+def parity(model_path: str | Path, onnx_path: str | Path, images: Sequence[str | Path]
+           ) -> tuple[float, int]:
+    """The largest ``|p_onnx - p_torch|`` over ``images`` and classes, and on how many images
+    the two predict the same class (both run through the same preparation)."""
+    import numpy as np
+
+    from histoclass.data.images import load_rgb
+    from histoclass.deploy.runtime import OnnxClassifier
+
+    decoded = [load_rgb(p) for p in images]
+    ref = load_model_file(model_path).predict_images(decoded).proba
+    got = OnnxClassifier(onnx_path).predict_images(decoded).proba
+    return float(np.abs(ref - got).max()), int((ref.argmax(1) == got.argmax(1)).sum())

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from histoclass.data.transforms import Preprocess
-from histoclass.models.classifier import Preparation
+from histoclass.models.classifier import Preparation, StainFn
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,8 @@ def class_index(target: str | int | None, classes: list[str]) -> int | None:
     raise ValueError(f"unknown class {target!r}; choose predicted or one of {', '.join(classes)}")
 
 
-def model_input(image: np.ndarray, preprocess: Preprocess, stain: Any = None) -> torch.Tensor:
+def model_input(image: np.ndarray, preprocess: Preprocess, stain: StainFn | None = None
+                ) -> torch.Tensor:
     """Original ``HxWx3`` uint8 image -> normalised ``1x3xhxw`` model input (the one
     preparation path of :class:`~histoclass.models.classifier.Preparation`)."""
     return Preparation(((preprocess, stain),))(image)[0].unsqueeze(0)
@@ -212,7 +213,7 @@ def model_input(image: np.ndarray, preprocess: Preprocess, stain: Any = None) ->
 def explain_image(model: nn.Module, image: np.ndarray, preprocess: Preprocess,
                   classes: list[str], *,
                   method: str = "gradcam", target: str | int | None = "predicted",
-                  layer: str | None = None, stain: Any = None) -> Explanation:
+                  layer: str | None = None, stain: StainFn | None = None) -> Explanation:
     """Explain one model's output on one original-resolution ``HxWx3`` uint8 image.
 
     Args:

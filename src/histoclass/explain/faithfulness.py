@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from histoclass.data.transforms import Preprocess
 from histoclass.explain.cam import (
     class_index,
     compute_cam,
@@ -26,6 +27,7 @@ from histoclass.explain.cam import (
     model_input,
     resize_map,
 )
+from histoclass.models.classifier import StainFn
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
@@ -87,10 +89,10 @@ def _random_cam(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     return resize_map(coarse, (shape[1], shape[0]))
 
 
-def score_methods(model: nn.Module, preprocess: Any, images: list[np.ndarray],
+def score_methods(model: nn.Module, preprocess: Preprocess, images: list[np.ndarray],
                   classes: list[str], methods: list[str], *, target: str = "predicted",
                   layer: str | None = None, steps: int = 8, road: bool = False,
-                  stain: Any = None) -> list[dict[str, Any]]:
+                  stain: StainFn | None = None) -> list[dict[str, Any]]:
     """One row per method (plus ``random``): mean deletion, insertion, insertion - deletion,
     optionally ROAD, and the CAM's seconds per image.
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from histoclass._version import __version__
 from histoclass.data.transforms import Preprocess
 
 FORMAT = "histoclass-checkpoint"
@@ -71,8 +72,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) ->
     """Write weights (contiguous CPU tensors) and metadata atomically."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     full = {"format": FORMAT, "version": VERSION, "kind": "member", **meta}
-    from histoclass import __version__
-
     full.setdefault("histoclass_version", __version__)
     return atomic_save({"state_dict": state, "meta": full}, path)
 

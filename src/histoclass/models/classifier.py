@@ -14,7 +14,7 @@ pools and workers without the networks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -22,6 +22,9 @@ import numpy as np
 from PIL import Image
 
 from histoclass.data.transforms import Preprocess
+
+# A fitted stain normaliser (histoclass.stain): uint8 HxWx3 RGB in, same shape out.
+StainFn = Callable[[np.ndarray], np.ndarray]
 
 
 class Scores(NamedTuple):
@@ -54,7 +57,7 @@ class Preparation:
             resized ``HxWx3`` uint8 arrays (ONNX graphs normalise inside).
     """
 
-    steps: tuple[tuple[Preprocess, Any], ...]
+    steps: tuple[tuple[Preprocess, StainFn | None], ...]
     normalize: bool = True
 
     def __call__(self, image: np.ndarray | Image.Image) -> list[Any]:

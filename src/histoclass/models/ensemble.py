@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from histoclass._version import __version__
 from histoclass.data.transforms import Preprocess
 from histoclass.models.checkpoint import (
     CheckpointError,
@@ -39,7 +40,7 @@ from histoclass.models.checkpoint import (
     preprocess_of,
     stain_of,
 )
-from histoclass.models.classifier import Preparation, Scores
+from histoclass.models.classifier import Preparation, Scores, StainFn
 from histoclass.models.concat import ConcatHead, features_and_logits
 from histoclass.models.members import member_names
 from histoclass.models.voting import METHODS, combine, dihedral, disagreement, stack_features
@@ -61,7 +62,7 @@ class Member(NamedTuple):
     model: nn.Module
     meta: dict[str, Any]
     preprocess: Preprocess
-    stain: Any  # a histoclass.stain normaliser (callable on uint8 HxWx3) or None
+    stain: StainFn | None  # the fitted normaliser it was trained with
 
 
 class Output(NamedTuple):
@@ -211,8 +212,6 @@ class Ensemble:
                 rel = str(p)
             entries.append({"name": m.name, "path": Path(rel).as_posix(), "abs_path": str(p),
                             "sha256": file_sha256(p), "arch": m.meta.get("arch", "")})
-        from histoclass import __version__
-
         obj = {
             "format": FORMAT, "version": VERSION, "kind": "ensemble", "method": self.method,
             "classes": self.classes, "task": self.task, "members": entries,
