@@ -72,6 +72,17 @@ def test_member_round_trip_and_folder_contents(setup, tmp_path):
     assert meta["member"]["config"]["manifest"] == "manifest.csv"
 
 
+def test_a_vit_member_round_trips(setup, tmp_path):
+    from histoclass.models import create_model, member_meta, model_preprocess
+
+    torch.manual_seed(0)
+    model = create_model("test_vit", 2, pretrained=False)
+    meta = member_meta("test_vit", "test_vit", ["benign", "malignant"], model_preprocess(model))
+    path = save_checkpoint(tmp_path / "vit.pt", model, meta)
+    publish(path, tmp_path / "vit")
+    _same(load_model_file(path), load_model_file(f"local-dir:{tmp_path / 'vit'}"), setup[3])
+
+
 def test_best_pt_publishes_without_loss_and_last_pt_drops_training_state(setup, tmp_path):
     _, _, members, _ = setup
     ckpt = torch.load(members[0], weights_only=True)
@@ -168,6 +179,18 @@ def test_malformed_json_is_refused_naming_the_file(published):
     (ens / "histoclass.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"ens/histoclass\.json: not a readable JSON file"):
         load_model_file(ens)
+
+
+def test_unbuildable_architecture_is_one_line(published):
+    from histoclass.models.checkpoint import file_sha256
+
+    one = published[1]
+    _edit(one / "config.json", lambda o: o.update(architecture="no_such_net"))
+    _edit(one / "histoclass.json", lambda o: (o["member"].update(timm_name="no_such_net"),
+                                              o["files"].update({"config.json": file_sha256(
+                                                  one / "config.json")})))
+    with pytest.raises(CheckpointError, match=r"histoclass\.json: cannot build 'no_such_net'"):
+        load_model_file(one)
 
 
 def test_config_that_disagrees_with_histoclass_json_is_refused(published):

@@ -207,7 +207,11 @@ def read_member(folder: Path, device: str | torch.device = "cpu", name: str | No
     check_files(folder, obj)
     meta = obj["member"]
     _check_config(folder, meta)
-    model = build_model(meta)
+    try:
+        model = build_model(meta)
+    except Exception as exc:  # an unknown timm name or arguments: timm raises several types
+        raise CheckpointError(f"{path}: cannot build {meta['timm_name']!r} ({one_line(exc)})"
+                              ) from None
     try:
         model.load_state_dict(_load_tensors(folder / WEIGHTS))
     except RuntimeError as exc:
@@ -247,10 +251,10 @@ def read_published(folder: Path, device: str | torch.device = "cpu"
         dirs.append(sub)
     head = None
     if obj.get("head_config") is not None:
-        head = ConcatHead(**obj["head_config"])
         try:
+            head = ConcatHead(**obj["head_config"])
             head.load_state_dict(_load_tensors(folder / HEAD))
-        except RuntimeError as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{folder / HEAD}: does not fit the concat head "
                                   f"({one_line(exc)})") from None
         head.eval()

@@ -85,7 +85,9 @@ def _metrics_text(obj: dict[str, Any]) -> list[str]:
         lines = [f"Measured by `histoclass evaluate` on the **{m.get('split')}** split "
                  f"({_fmt(m.get('images'))} images, {_fmt(m.get('patients'))} patients), split "
                  f"protocol **{(obj.get('split') or {}).get('protocol') or 'unknown'}**; 95% "
-                 f"intervals from {_fmt(m.get('bootstrap'))} bootstrap replicates over patients.",
+                 f"intervals from {_fmt(m.get('bootstrap'))} bootstrap replicates over patients"
+                 + (f"; values are the mean over {m['folds']} folds (intervals: the pooled "
+                    "out-of-fold predictions)." if m.get("folds") else "."),
                  "", "| metric | level | value | 95% CI (patient bootstrap) |", "|---|---|---|---|"]
         ci = m.get("ci95") or {}
         for level in ("image", "patient"):

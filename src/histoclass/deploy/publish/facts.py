@@ -55,7 +55,8 @@ def member_meta(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def reading(ens: Ensemble) -> dict[str, Any]:
-    """Input mode, temperature, referral thresholds, training resolution and stain targets."""
+    """Input mode, temperature, referral thresholds, training resolution, constructor arguments
+    and stain targets (one value, or one per member where they differ)."""
     metas = [m.meta for m in ens.members]
 
     def key(name: str) -> Any:
@@ -70,6 +71,7 @@ def reading(ens: Ensemble) -> dict[str, Any]:
         "refer": getattr(ens, "refer", None) or key("refer"),
         "refer_threshold": float(ens.refer_threshold),
         "train_mpp": key("train_mpp"),
+        "model_kwargs": key("model_kwargs"),
         "stain": stains[0] if all(s == stains[0] for s in stains) else
         {m.name: s for m, s in zip(ens.members, stains, strict=True)},
     }
@@ -132,6 +134,7 @@ def metrics_facts(ens: Ensemble, metrics: str | Path | None) -> dict[str, Any]:
         "source": "histoclass evaluate", "file": path.name, "split": run.get("split", "test"),
         "images": run.get("images"), "patients": run.get("patients"),
         "bootstrap": run.get("bootstrap"), "threshold": run.get("threshold"),
+        "folds": len(run["files"]) if len(run.get("files") or []) > 1 else None,
         "leaks_patients": run.get("leaks_patients"),
         "image": _level(values, IMAGE_METRICS), "patient": _level(values, PATIENT_METRICS),
         "ci95": values.get("ci95") or {}, "per_magnification": values.get("per_magnification"),
