@@ -255,26 +255,27 @@ def open_classifier(path: str | Path, backend: str = "torch", device: str = "cpu
     else the PyTorch member or ensemble (:func:`histoclass.models.load_model_file`).
 
     Args:
-        path: Model file.
+        path: Model file, or a published model (``local-dir:DIR``, ``hf-hub:ORG/NAME``).
         backend: ``torch`` or ``onnx``.
         device: PyTorch device (``auto``, ``cpu``, ``cuda``, ...).
         threads: ONNX Runtime intra-op threads (default: all cores).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose {' or '.join(BACKENDS)}")
-    path = Path(path)
-    if backend == "onnx" or path.suffix.lower() == ".onnx":
+    if backend == "onnx" or Path(path).suffix.lower() == ".onnx":
         from histoclass.deploy.runtime import OnnxClassifier
 
-        return OnnxClassifier(path, threads=threads)
+        return OnnxClassifier(Path(path), threads=threads)
+    # A file, or a published folder's name (local-dir:DIR, hf-hub:ORG/NAME): the loader resolves.
     return load_model_file(path, resolve_device(device))
 
 
 def load(path: str | Path, device: str = "cpu", threads: int | None = None) -> Model:
-    """Load a member checkpoint, an ensemble file or an exported ``.onnx`` model.
+    """Load a member checkpoint, an ensemble file, an exported ``.onnx`` model or a published
+    folder (``local-dir:DIR``, ``hf-hub:ORG/NAME``; see ``histoclass publish``).
 
     Args:
-        path: Model file; ``.onnx`` runs on ONNX Runtime, anything else on PyTorch.
+        path: Model file or name; ``.onnx`` runs on ONNX Runtime, anything else on PyTorch.
         device: PyTorch device.
         threads: ONNX Runtime intra-op threads (default: all cores).
     """

@@ -11,12 +11,20 @@ from histoclass.cli._common import user_errors
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
+def _is_model(arg: str) -> bool:
+    """A checkpoint file, or a published model's name (``local-dir:DIR``, ``hf-hub:ORG/NAME``)."""
+    from histoclass.models.published import is_model_ref
+
+    return Path(arg).suffix.lower() in CHECKPOINT_SUFFIXES or is_model_ref(arg)
+
+
 def _split_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
-    models = [p for p in inputs if Path(p).suffix.lower() in CHECKPOINT_SUFFIXES]
-    images = [p for p in inputs if Path(p).suffix.lower() not in CHECKPOINT_SUFFIXES]
+    models = [p for p in inputs if _is_model(p)]
+    images = [p for p in inputs if not _is_model(p)]
     if not models:
         raise ValueError(f"no checkpoint among {inputs}; the first argument(s) must be "
-                         f"model files ({', '.join(CHECKPOINT_SUFFIXES)})")
+                         f"model files ({', '.join(CHECKPOINT_SUFFIXES)}) or published models "
+                         "(local-dir:DIR, hf-hub:ORG/NAME)")
     return models, images
 
 
@@ -71,7 +79,8 @@ def _model(models: list[str], weights: str | None):
 
 def explain(
     inputs: list[str] = typer.Argument(
-        ..., help="MODEL.pt [MODEL2.pt ...] then images or folders ('sample:breakhis' works)."
+        ..., help="MODEL.pt [MODEL2.pt ...] (or local-dir:DIR, hf-hub:ORG/NAME) then images or "
+        "folders ('sample:breakhis' works)."
     ),
     out: Path = typer.Option(None, "--out", help="Folder for figures, overlays and index.html."),
     manifest: Path = typer.Option(None, help="Explain the images of one split of this manifest."),

@@ -10,7 +10,8 @@ from histoclass.cli._common import user_errors
 
 
 def predict(
-    model: Path = typer.Argument(..., help="Member checkpoint (.pt) or ensemble file."),
+    model: Path = typer.Argument(..., help="Member checkpoint (.pt), ensemble file, .onnx, or "
+                                 "a published model (local-dir:DIR, hf-hub:ORG/NAME)."),
     inputs: list[str] = typer.Argument(None, help="Image files or folders (instead of "
                                        "--manifest)."),
     manifest: Path = typer.Option(None, help="Split manifest to predict one split of."),

@@ -10,7 +10,8 @@ from histoclass.cli._common import user_errors
 
 
 def export(
-    model: Path = typer.Argument(..., help="Member checkpoint or ensemble file."),
+    model: Path = typer.Argument(..., help="Member checkpoint or ensemble file (or local-dir:DIR, "
+                                 "hf-hub:ORG/NAME)."),
     out: Path = typer.Option(..., "--out", help="The .onnx file to write."),
     int8: bool = typer.Option(False, "--int8", help="Also quantise to INT8 (static QDQ); the "
                               "FP32 model is kept beside it as <stem>.fp32.onnx."),
@@ -44,7 +45,8 @@ def export(
 
 
 def serve(
-    model: Path = typer.Argument(..., help="Member checkpoint, ensemble file or .onnx export."),
+    model: Path = typer.Argument(..., help="Member checkpoint, ensemble file, .onnx export, "
+                                 "local-dir:DIR or hf-hub:ORG/NAME."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0: all)."),
     port: int = typer.Option(7860, help="TCP port."),
     max_mb: float = typer.Option(20.0, help="Largest upload per image, in MB."),
@@ -63,8 +65,10 @@ def serve(
         typer.secho(f"error: the web demo needs gradio ({exc}); pip install 'histoclass[demo]'",
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    from histoclass.models.published import is_model_ref
+
     with user_errors():
-        if not model.is_file():
+        if not (model.exists() or is_model_ref(model)):
             raise FileNotFoundError(f"model file {model} does not exist")
         run_app(model, host, port, limits=Limits(max_mb, max_pixels, max_images),
                 concurrency=concurrency, explain=explain)

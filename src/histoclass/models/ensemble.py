@@ -43,6 +43,7 @@ from histoclass.models.checkpoint import (
 from histoclass.models.classifier import Preparation, Scores, StainFn
 from histoclass.models.concat import ConcatHead, features_and_logits
 from histoclass.models.members import member_names
+from histoclass.models.published import published_folder, read_published
 from histoclass.models.voting import METHODS, combine, dihedral, disagreement, stack_features
 
 __all__ = [
@@ -239,7 +240,11 @@ def _member_file(path: Path, entry: dict[str, Any]) -> Path:
 
 
 def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
-    """Load a member checkpoint (as an ensemble of one) or an ensemble file, in eval mode."""
+    """Load a member checkpoint (as an ensemble of one), an ensemble file or a published
+    folder (``local-dir:DIR``, ``hf-hub:ORG/NAME``; :mod:`histoclass.models.published`)."""
+    if (folder := published_folder(path)) is not None:
+        parts, kwargs = read_published(folder, device)
+        return Ensemble([Member(*p) for p in parts], **kwargs).to(device)
     path = Path(path)
     obj = load_file(path, "model file")
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
