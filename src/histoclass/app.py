@@ -121,8 +121,9 @@ def field_html(item: dict[str, Any], clf: Model, img: np.ndarray | None,
         shown += f"<br><small>{e(item['label'].replace('_', ' '))} " \
                  f"{_pct(item['probs'][item['label']])}</small>"
     row = (f'<summary class="hc-row"><span class="hc-name">{name}</span>'
-           f'<span class="hc-verdict">{shown}</span><span>{_pct(item["p_malignant"])}</span>'
-           f'<span>{"yes" if item["refer"] else "no"}</span>'
+           f'<span class="hc-verdict">{shown}</span>'
+           f'<span data-label="p(malignant)">{_pct(item["p_malignant"])}</span>'
+           f'<span data-label="refer">{"yes" if item["refer"] else "no"}</span>'
            f'<span class="hc-why">{e(item["why"])}</span></summary>')
     body = ""
     if img is not None:
@@ -152,12 +153,10 @@ def field_html(item: dict[str, Any], clf: Model, img: np.ndarray | None,
 
 
 def results_html(rows: list[str]) -> str:
-    """The table: a header row, then one expandable row per image."""
-    if not rows:
-        return ""
+    """The table: a header row, then one expandable row per image (nothing for no rows)."""
     head = ('<div class="hc-row hc-head"><span>image</span><span>verdict</span>'
             '<span>p(malignant)</span><span>refer</span><span>why</span></div>')
-    return f'<div class="hc-table">{head}{"".join(rows)}</div>'
+    return f'<div class="hc-table">{head}{"".join(rows)}</div>' if rows else ""
 
 
 def check_upload(path: str, limits: Limits) -> None:
@@ -230,8 +229,8 @@ def colorbar_html() -> str:
     from histoclass.explain.figures import css_gradient
 
     return (f'<div class="hc-bar" style="background:{css_gradient()}"></div>'
-            '<div class="hc-ticks"><span>0: no influence (transparent)</span><span>0.5</span>'
-            "<span>1: this image's strongest region</span></div>")
+            '<div class="hc-ticks"><span>0: no influence (transparent)</span>'
+            '<span class="hc-mid">0.5</span><span>1: this image\'s strongest region</span></div>')
 
 
 def fields_tab(clf: Model, limits: Limits, explain: bool, band: tuple[float, float]) -> None:

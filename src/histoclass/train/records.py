@@ -1,6 +1,9 @@
 """What a run leaves besides its checkpoints: RNG state, ``config.yaml``, ``history.csv``,
 ``curves.png`` and the one-line epoch summary.
 
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never ``pyplot``: no
+global figure registry and no display needed.
+
 Undefined metrics (``None``) are an empty CSV cell, ``n/a`` in the summary and a gap in the plot.
 """
 
@@ -63,10 +66,13 @@ _TITLES = {"loss": "cross-entropy loss", "accuracy": "accuracy",
 
 
 def plot_history(rows: list[dict[str, Any]], path: Path, select: str,
-                 best_epoch: int | None = None) -> None:
+                 best_epoch: int | None = None) -> Any:
     """Learning curves: one panel per metric, training and validation together (validation only
     where training has no such score), whole-number epoch ticks, the legend below the panels
     (never over a line) and ``best_epoch``, the epoch kept as ``best.pt``, marked on every panel.
+
+    Returns:
+        The ``matplotlib.figure.Figure``, already written to ``path``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -91,7 +97,7 @@ def plot_history(rows: list[dict[str, Any]], path: Path, select: str,
         title = _TITLES.get(metric, metric.replace("_", " "))
         ax.set_title(title + (" (selects best.pt)" if metric == select else ""), fontsize=10)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_xlim(min(ep) - 0.5, max(ep) + 0.5)
         if metric != "loss":
             ax.set_ylim(0, 1.02)
@@ -107,3 +113,4 @@ def plot_history(rows: list[dict[str, Any]], path: Path, select: str,
                 labels.append(lab)
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
     fig.savefig(path, dpi=100)
+    return fig
