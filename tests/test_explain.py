@@ -230,7 +230,7 @@ def test_cli_batch_writes_overlays_gallery_and_names_corrupt_file(checkpoints, t
     assert res.exit_code == 0, res.output
     assert "skipped broken.png" in res.output
     for name in ("malignant0", "malignant1", "benign0", "mislabelled"):
-        assert (out / f"{name}.png").is_file()
+        assert (out / f"{name}.cam.png").is_file()
         overlay = Image.open(out / f"{name}.overlay.png")
         assert overlay.size == Image.open(next(data.rglob(f"{name}.png"))).size
     page = (out / "index.html").read_text()
@@ -251,7 +251,7 @@ def test_cli_soft_ensemble_of_member_checkpoints(checkpoints, tmp_path):
             "--ensemble-weights", "1,3", "--method", "eigencam"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "o" / "one.png").is_file()
+    assert (tmp_path / "o" / "one.cam.png").is_file()
     bad = CliRunner().invoke(app, [*args[:-4], "--ensemble-weights", "1"])
     assert bad.exit_code == 2 and "one weight per checkpoint" in bad.output
     wrong = CliRunner().invoke(app, ["explain", checkpoints[0], str(image), "--out",

@@ -223,16 +223,19 @@ class Model:
         return frame
 
     def explain(self, image: ImageLike, method: str = "gradcam", target: str = "predicted",
-                alpha: float = 0.4, max_pixels: int = DEFAULT_MAX_PIXELS) -> Explained:
+                alpha: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Explained:
         """Grad-CAM overlay of one image (fused over members for an ensemble, weighted by
-        :func:`histoclass.explain.cam_weights`).
+        :func:`histoclass.explain.cam_weights`); ``alpha`` is the overlay's opacity where the
+        map is 1 (default :data:`histoclass.explain.figures.ALPHA`).
 
         Raises:
             RuntimeError: The model is an ONNX export (no gradients).
             ImageLoadError: The image cannot be read.
         """
         from histoclass.explain import EnsembleExplanation, explain_model, overlay
+        from histoclass.explain.figures import ALPHA
 
+        alpha = ALPHA if alpha is None else alpha
         if not isinstance(self.classifier, Ensemble):
             raise RuntimeError(f"{self.path}: Grad-CAM needs the PyTorch checkpoint; an ONNX "
                                "export has no gradients (load the .pt file to explain)")

@@ -26,6 +26,7 @@ import pandas as pd
 
 from histoclass.data.breakhis import label_from_folder, parse_name
 from histoclass.data.images import IMAGE_SUFFIXES, ImageLoadError, load_rgb
+from histoclass.data.scan import data_files, refuse_output
 from histoclass.models.classifier import Classifier, Preparation, Scores, concat_scores
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def prepared_batches(paths: Sequence[str], preparation: Preparation, batch_size:
     ahead = 2 * batch_size + workers
     pending: deque = deque()
     todo = iter(enumerate(paths))
-    bar = tqdm(total=len(paths), disable=not progress, desc=desc)
+    bar = tqdm(total=len(paths), disable=None if progress else True, desc=desc)  # None: tty only
 
     def fill() -> None:
         for i, p in todo:
@@ -184,13 +185,17 @@ def describe(path: str | Path, root: Path | None = None) -> dict[str, str]:
 
 
 def expand_inputs(items: Sequence[str | Path]) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """Image files and folders (searched recursively) -> info rows, plus what was left out."""
+    """Image files and folders (searched recursively) -> info rows, plus what was left out
+    (folders histoclass wrote, such as ``explain`` outputs, among them)."""
     rows, skipped = [], []
     for item in items:
         item = Path(item)
-        if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.is_file())
-            if not files:
+        if item.is_dir() and refuse_output(item):
+            skipped.append((str(item), refuse_output(item)))
+        elif item.is_dir():
+            files, written = data_files(item)
+            skipped += written
+            if not files and not written:
                 skipped.append((str(item), "empty folder"))
             for p in files:
                 if p.suffix.lower() in IMAGE_SUFFIXES:

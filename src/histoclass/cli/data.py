@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from histoclass.cli._common import report_skipped, user_errors
+from histoclass.cli._common import Protocol, report_skipped, report_written, user_errors
 
 
 def split(
@@ -15,9 +15,9 @@ def split(
         "'sample:breakhis' for the real H&E sample bundled with histoclass."
     ),
     out: Path = typer.Option(..., "--out", help="Folder for manifest.csv (and skipped.csv)."),
-    protocol: str = typer.Option(
-        "patient", help="patient (patient-disjoint, default) | paper (the study's image-level "
-        "random split: patients leak) | kfold (patient-grouped k folds)."
+    protocol: Protocol = typer.Option(
+        "patient", help="patient: patient-disjoint (default); paper: the study's image-level "
+        "random split (patients leak); kfold: patient-grouped k folds."
     ),
     seed: int = typer.Option(0, help="Same seed, same manifest, byte for byte."),
     val: float = typer.Option(0.15, help="Validation fraction."),
@@ -29,7 +29,10 @@ def split(
     groups: Path = typer.Option(None, help="CSV path,group for folders of non-BreakHis names."),
     workers: int = typer.Option(2, help="Decoding threads."),
 ) -> None:
-    """Scan DATA, check every image, and write a split manifest (files are never moved)."""
+    """Scan DATA, check every image, and write a split manifest (files are never moved).
+
+    Folders histoclass wrote (explain outputs) are refused: their images are figures, not data.
+    """
     from histoclass.data import make_split, resolve_data, scan, write_manifest
     from histoclass.data.manifest import split_table
     from histoclass.data.splits import LEAK_NOTE, split_columns
@@ -39,7 +42,7 @@ def split(
         frame = make_split(result.frame, protocol, seed=seed, val=val, test=test, folds=folds,
                            magnifications=magnification or None)
         path = write_manifest(frame, Path(out) / "manifest.csv")
-    report_skipped(result.skipped, out)
+    skipped_csv = report_skipped(result.skipped, out)
     for group in result.duplicates:
         typer.secho(f"duplicate images: {', '.join(group)}", fg=typer.colors.YELLOW)
     for col in split_columns(frame):
@@ -47,11 +50,12 @@ def split(
         typer.echo(f"{title}\n{split_table(frame, col).to_string(index=False)}")
     if protocol == "paper":
         typer.secho(f"WARNING: {LEAK_NOTE}", fg=typer.colors.RED)
-    typer.echo(f"{result.summary()}; manifest: {path}")
+    typer.echo(result.summary())
+    report_written([path] + ([skipped_csv] if skipped_csv else []))
 
 
 def audit(manifest: Path = typer.Argument(..., help="Manifest CSV to check.")) -> None:
-    """Exit non-zero naming patients and duplicate images that cross splits."""
+    """Exit 1 naming patients and duplicate images that cross splits (0 when clean)."""
     from histoclass.data import audit as run_audit
     from histoclass.data import read_manifest
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from histoclass.cli._common import user_errors
+from histoclass.cli._common import EvalSplit, report_written, user_errors
 
 
 def evaluate(
@@ -20,7 +20,7 @@ def evaluate(
         1000, help="Patient bootstrap replicates for the 95% CIs (0: no CIs)."
     ),
     seed: int = typer.Option(0, help="Bootstrap seed: same seed, same CIs."),
-    split: str = typer.Option("test", help="Rows to evaluate: test | val | train | all."),
+    split: EvalSplit = typer.Option("test", help="Rows to evaluate."),
     refer_threshold: float = typer.Option(
         None, help="Ensembles: refer images whose disagreement exceeds this (default: the "
         "CSV's refer column, when present)."
@@ -50,7 +50,7 @@ def evaluate(
         ci = ev.metrics["ci95"].get(key)
         span = f"  [{fmt(ci[0])}, {fmt(ci[1])}]" if ci else ""
         typer.echo(f"  {key:<25}{fmt(ev.metrics[key])}{span}")
-    typer.echo("wrote " + ", ".join(str(p) for p in written))
+    report_written(written)
 
 
 def register(app: typer.Typer) -> None:

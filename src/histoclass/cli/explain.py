@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from histoclass.cli._common import user_errors
+from histoclass.cli._common import (
+    CamMethod,
+    Split,
+    choices_of,
+    fail,
+    report_written,
+    user_errors,
+)
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -79,21 +86,23 @@ def _model(models: list[str], weights: str | None):
 
 def explain(
     inputs: list[str] = typer.Argument(
-        ..., help="MODEL.pt [MODEL2.pt ...] (or local-dir:DIR, hf-hub:ORG/NAME) then images or "
+        ..., metavar="MODEL... [IMAGES]...",
+        help="MODEL.pt [MODEL2.pt ...] (or local-dir:DIR, hf-hub:ORG/NAME) then images or "
         "folders ('sample:breakhis' works)."
     ),
-    out: Path = typer.Option(None, "--out", help="Folder for figures, overlays and index.html."),
+    out: Path = typer.Option(None, "--out", help="Folder for the figures (<name>.cam.png), "
+                             "overlays and index.html; required unless --score."),
     manifest: Path = typer.Option(None, help="Explain the images of one split of this manifest."),
-    split: str = typer.Option("test", help="Split of --manifest."),
-    method: str = typer.Option("gradcam", help="gradcam | gradcam++ | hirescam | eigencam | "
-                               "layercam."),
+    split: Split = typer.Option("test", help="Split of --manifest."),
+    method: CamMethod = typer.Option("gradcam", help="Class activation map method."),
     klass: str = typer.Option("predicted", "--class", help="predicted | benign | malignant "
                               "(or any class of the model)."),
     layer: str = typer.Option(None, help="Target layer name (default: bn2 for EfficientNet)."),
     ensemble_weights: str = typer.Option(
         None, help="Comma-separated weights for several member checkpoints (soft ensemble)."
     ),
-    alpha: float = typer.Option(0.4, help="Overlay opacity."),
+    alpha: float = typer.Option(0.6, help="Overlay opacity where the map is 1; it falls with "
+                                "the map, so low regions show the tissue unchanged."),
     maps: bool = typer.Option(False, "--maps", help="Also write each (fused) map as "
                               "<name>.cam.npy: float32 in [0, 1] at the image's resolution."),
     score: bool = typer.Option(False, "--score", help="Print a faithfulness table (deletion/"
@@ -116,16 +125,21 @@ def explain(
     from histoclass.data.images import ImageLoadError
     from histoclass.models import CheckpointError
 
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    if out is None and not score:  # before loading anything
+        fail("--out DIR is required (or use --score)")
+    if score and set(chosen) - set(choices_of(CamMethod)):
+        fail(f"unknown method(s) {sorted(set(chosen) - set(choices_of(CamMethod)))}; choose "
+             f"from {', '.join(choices_of(CamMethod))}")
     with user_errors(ImageLoadError, CheckpointError):
         models, images = _split_inputs(inputs)
         ens = _model(models, ensemble_weights)
         items, skipped = _items(images, manifest, split, ens.classes)
         if score:
-            _score(ens, items, methods, klass, layer, steps, road)
+            _score(ens, items, chosen, klass, layer, steps, road)
             return
-        if out is None:
-            raise ValueError("--out DIR is required (or use --score)")
         from histoclass.explain import explain_batch
+        from histoclass.explain.gallery import written_files
 
         logging.getLogger("histoclass").setLevel(logging.INFO)
         result = explain_batch(ens, items, out, method=method, target=klass, layer=layer,
@@ -135,17 +149,14 @@ def explain(
         typer.secho(f"skipped {name}: {why}", fg=typer.colors.YELLOW)
     wrong = sum(r["correct"] == "no" for r in result.rows)
     typer.echo(f"explained {len(result.rows)} image(s) ({wrong} misclassified), skipped "
-               f"{len(result.skipped)}; gallery: {result.gallery}")
+               f"{len(result.skipped)}; open {result.gallery}")
+    report_written(written_files(out, result))
 
 
-def _score(ens, items, methods, klass, layer, steps, road) -> None:
+def _score(ens, items, chosen, klass, layer, steps, road) -> None:
     from histoclass.data.images import ImageLoadError, load_rgb, to_array
-    from histoclass.explain import METHODS, format_table, score_methods
+    from histoclass.explain import format_table, score_methods
 
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in chosen if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
     images = []
     for path, _ in items:
         try:

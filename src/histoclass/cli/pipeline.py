@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from histoclass.cli._common import user_errors
+from histoclass.cli._common import report_tree, user_errors
 
 DEMO_ENSEMBLES = [
     {"name": "soft", "method": "soft"}, {"name": "weighted", "method": "weighted"},
@@ -20,6 +20,7 @@ def _finish(cfg, summary) -> None:
     typer.echo((out / "summary.md").read_text())
     ensembles = summary[summary["kind"] == "ensemble"]["model"].tolist()
     first = ensembles[0] if ensembles else summary["model"].iloc[0]
+    report_tree(out)
     typer.echo(f"summary: {out / 'summary.md'}\nreport:  {out / 'eval' / first / 'report.html'}")
 
 
@@ -44,7 +45,8 @@ def demo(
     epochs: int = typer.Option(3, help="Epochs per member."),
     image_size: int = typer.Option(160, help="Input size (small: a laptop CPU is enough)."),
     pretrained: bool = typer.Option(
-        True, help="ImageNet weights from the Hugging Face hub (needs internet once)."),
+        True, "--pretrained/--no-pretrained",
+        help="ImageNet weights from the Hugging Face hub (needs internet once)."),
     weights_dir: Path = typer.Option(
         None, help="Offline: folder of <member>.pth ImageNet weights files."),
 ) -> None:

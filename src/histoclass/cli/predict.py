@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from histoclass.cli._common import user_errors
+from histoclass.cli._common import (
+    EXIT_FAILED,
+    Backend,
+    EnsembleMethod,
+    Preset,
+    Split,
+    device_option,
+    fail,
+    report_written,
+    user_errors,
+)
 
 
 def predict(
@@ -15,17 +25,18 @@ def predict(
     inputs: list[str] = typer.Argument(None, help="Image files or folders (instead of "
                                        "--manifest)."),
     manifest: Path = typer.Option(None, help="Split manifest to predict one split of."),
-    split: str = typer.Option("test", help="Split of --manifest: train, val or test."),
+    split: Split = typer.Option("test", help="Split of --manifest."),
     fold: int = typer.Option(None, help="Fold of a k-fold manifest."),
-    out: Path = typer.Option(..., "--out", help="Predictions CSV (skipped.csv goes beside it)."),
+    out: Path = typer.Option(..., "--out", help="Predictions CSV (the list of skipped inputs, "
+                             "if any, goes beside it)."),
     tta: bool = typer.Option(False, "--tta", help="Average the 8 flips/90-degree rotations."),
     batch_size: int = typer.Option(16, help="Images per forward pass."),
     workers: int = typer.Option(2, help="Decoding threads (overlapped with inference)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1..."),
+    device: str = device_option(),
     refer_threshold: float = typer.Option(
         None, help="Flag refer=1 above this member disagreement (default: the ensemble's)."),
-    backend: str = typer.Option("torch", help="torch | onnx (MODEL is then a .onnx file from "
-                                "histoclass export, run with ONNX Runtime)."),
+    backend: Backend = typer.Option("torch", help="onnx: MODEL is a .onnx file from histoclass "
+                                    "export, run with ONNX Runtime (a .onnx MODEL always is)."),
 ) -> None:
     """Predict images, folders or a manifest split with a checkpoint or an ensemble."""
     from histoclass.api import open_classifier
@@ -51,30 +62,34 @@ def predict(
         for p, reason in pred.skipped:
             typer.echo(f"  {p}: {reason}")
     frame = pred.frame
+    written = [p for p in (csv, skipped_csv) if p is not None and Path(p).is_file()]
     if frame.empty:
-        typer.secho("error: no input could be predicted", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1)
+        report_written(written)
+        fail("no input could be predicted", EXIT_FAILED)
     counts = ", ".join(f"{k} {v}" for k, v in frame["pred"].value_counts().sort_index().items())
     extra = f"; refer {int(frame['refer'].sum())}" if "refer" in frame else ""
-    typer.echo(f"{len(frame)} image(s) predicted ({counts or 'none'}{extra}); wrote {csv}")
+    typer.echo(f"{len(frame)} image(s) predicted ({counts or 'none'}{extra})")
+    report_written(written)
 
 
 def ensemble(
     members: list[Path] = typer.Argument(None, help="Member checkpoints (or use --preset)."),
-    method: str = typer.Option(..., help="soft | weighted | hard | stack | concat."),
+    method: EnsembleMethod = typer.Option(..., help="soft: mean; weighted: weights fitted on "
+                                          "validation; hard: majority vote; stack: logistic "
+                                          "regression; concat: the study's feature head."),
     manifest: Path = typer.Option(None, help="Split manifest: fitted methods use its "
                                   "validation split only (never test)."),
     fold: int = typer.Option(None, help="Fold of a k-fold manifest."),
     out: Path = typer.Option(..., "--out", help="Ensemble file to write."),
-    preset: str = typer.Option(None, help="v1 (B0-B4), v2 (B0-B3, S) or all: members "
-                               "<runs>/<name>/best.pt."),
+    preset: Preset | None = typer.Option(None, help="v1 (B0-B4), v2 (B0-B3, S) or all: "
+                                         "members <runs>/<name>/best.pt."),
     runs: Path = typer.Option(Path("runs"), help="Folder of training runs (with --preset)."),
     refer_threshold: float = typer.Option(0.25, help="Disagreement above which an image is "
                                           "flagged refer=1 (stored in the file)."),
     seed: int = typer.Option(0, help="Inner fit/stop split of validation and head init."),
     batch_size: int = typer.Option(16, help="Images per forward pass."),
     workers: int = typer.Option(2, help="Decoding threads."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1..."),
+    device: str = device_option(),
 ) -> None:
     """Combine member checkpoints into an ensemble file, fitted on validation only."""
     from histoclass.models import CheckpointError
@@ -96,7 +111,8 @@ def ensemble(
         detail += (f"; fitted on {fit['rows']} validation image(s) ({fit['fit_rows']} fit / "
                    f"{fit['stop_rows']} stop, inner split by {fit['inner_split']})")
     typer.echo(f"{method} ensemble of {len(ens.members)} members "
-               f"({', '.join(m.name for m in ens.members)}){detail}; wrote {path}")
+               f"({', '.join(m.name for m in ens.members)}){detail}")
+    report_written([path])
 
 
 def register(app: typer.Typer) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 
-from histoclass.cli._common import user_errors
+from histoclass.cli._common import report_written, user_errors
+
+Format = Literal["wsinfer"]
 
 
 def publish(
@@ -21,8 +24,8 @@ def publish(
     push: str = typer.Option(None, help="Also upload the folder to this hub repo (ORG/NAME; "
                              "token from hf auth login or HF_TOKEN)."),
     private: bool = typer.Option(False, help="Create the hub repo private (with --push)."),
-    fmt: str = typer.Option(None, "--format", help="wsinfer: also write WSInfer's config and "
-                            "a TorchScript model in wsinfer/."),
+    fmt: Format = typer.Option(None, "--format", help="Also write WSInfer's config and a "
+                               "TorchScript model in wsinfer/."),
     mpp: float = typer.Option(None, help="Microns per pixel of the model's input, for WSInfer "
                               "(default: the training resolution of a tile model)."),
     dataset: str = typer.Option("BreakHis", help="Training data named in the model card."),
@@ -36,10 +39,9 @@ def publish(
     with user_errors(CheckpointError, PushError, RuntimeError):
         files = write(model, out, metrics=metrics, manifest=manifest, dataset=dataset,
                       license_id=license_id, fmt=fmt, mpp=mpp, repo_id=push)
-        for path in files:
-            typer.echo(f"wrote {path}")
         if push:
             typer.echo(f"pushed to hf-hub:{push}: {push_folder(out, push, private)}")
+    report_written(files)
 
 
 def register(app: typer.Typer) -> None:

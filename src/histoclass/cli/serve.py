@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from histoclass.cli._common import user_errors
+from histoclass.cli._common import fail, report_written, user_errors
 
 
 def export(
@@ -34,7 +34,7 @@ def export(
             if not cal:
                 raise ValueError(f"calibration folder {calibration} holds no images")
         path = export_onnx(model, out, int8=int8, calibration=cal)
-    typer.echo(f"wrote {path}")
+    written = [path] + ([path.with_name(path.stem + ".fp32.onnx")] if int8 else [])
     if check:
         from histoclass.data.manifest import sample_path
 
@@ -42,6 +42,7 @@ def export(
         diff, agree = parity(model, path, images)
         typer.echo(f"check on {len(images)} sample images: max |p_onnx - p_torch| = {diff:.2e}, "
                    f"same class {agree}/{len(images)}")
+    report_written(p for p in written if p.is_file())
 
 
 def serve(
@@ -62,9 +63,7 @@ def serve(
         from histoclass.app import Limits
         from histoclass.app import serve as run_app
     except ImportError as exc:
-        typer.secho(f"error: the web demo needs gradio ({exc}); pip install 'histoclass[demo]'",
-                    fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        fail(f"the web demo needs gradio ({exc}); pip install 'histoclass[demo]'")
     from histoclass.models.published import is_model_ref
 
     with user_errors():

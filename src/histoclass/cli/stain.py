@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from histoclass.cli._common import report_skipped, user_errors
+from histoclass.cli._common import StainMethod, report_skipped, report_written, user_errors
 
 
 def stain(
@@ -14,7 +14,7 @@ def stain(
         ..., help="Data folder, CSV/manifest with path,label, or 'sample' / 'sample:ucsb' / "
         "'sample:breakhis'."
     ),
-    method: str = typer.Option("vahadane", help="reinhard | macenko | vahadane."),
+    method: StainMethod = typer.Option("vahadane", help="Stain normalisation method."),
     target: list[Path] = typer.Option(
         ..., "--target", help="Target image to fit (repeat to pool several), or a fitted "
         "stain_target.json."
@@ -48,13 +48,15 @@ def stain(
                 names = ", ".join(map(str, target))
                 raise ValueError(f"{exc} (targets, from 0: {names})") from None
         result = normalize_dataset(data, normalizer, out, workers=workers, progress=True)
-    report_skipped(result.skipped, out)
+    skipped_csv = report_skipped(result.skipped, out)
     if result.unchanged:
         typer.secho(f"passed through unchanged: {len(result.unchanged)} file(s):",
                     fg=typer.colors.YELLOW)
         for p, reason in result.unchanged:
             typer.echo(f"  {p}: {reason}")
-    typer.echo(f"{normalizer.key}: {result.summary()}; target: {result.target}")
+    typer.echo(f"{normalizer.key}: {result.summary()}")
+    report_written([result.manifest, result.target] + ([skipped_csv] if skipped_csv else []),
+                   f"and {len(result.frame)} normalised cop(ies) under {out}")
 
 
 def register(app: typer.Typer) -> None:

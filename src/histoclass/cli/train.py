@@ -7,10 +7,22 @@ from pathlib import Path
 
 import typer
 
-from histoclass.cli._common import user_errors
+from histoclass.cli._common import (
+    EXIT_FAILED,
+    Amp,
+    Balance,
+    Schedule,
+    Select,
+    StainMethod,
+    Task,
+    device_option,
+    report_written,
+    user_errors,
+)
 
 # The study's 10 members, in its order.
 ALL_MEMBERS = "v1-b0,v1-b1,v1-b2,v1-b3,v1-b4,v2-b0,v2-b1,v2-b2,v2-b3,v2-s"
+RUN_FILES = ("best.pt", "last.pt", "history.csv", "curves.png", "config.yaml", "done")
 
 
 def models() -> None:
@@ -36,7 +48,7 @@ def train(
     out: Path = typer.Option(..., "--out", help="Run folder: best.pt, last.pt, history.csv, "
                              "curves.png, config.yaml."),
     model: str = typer.Option("v2-b0", help="Member (histoclass models) or any timm name."),
-    task: str = typer.Option("binary", help="binary (benign/malignant) | subtype (8 classes)."),
+    task: Task = typer.Option("binary", help="binary: benign/malignant; subtype: 8 classes."),
     fold: int = typer.Option(None, help="Fold of a kfold manifest (split_fold<K>)."),
     magnification: str = typer.Option(None, help="Train on one magnification only, e.g. 40X."),
     epochs: int = typer.Option(40, help="Epochs (the study: 40)."),
@@ -54,23 +66,24 @@ def train(
         help="Batch norm frozen (default with ImageNet weights) or trained (default from "
         "scratch)."),
     warmup_epochs: int = typer.Option(0, help="First epochs train the head only."),
-    schedule: str = typer.Option("constant", help="constant | cosine (per step, to 0)."),
+    schedule: Schedule = typer.Option("constant", help="Learning rate: constant, or cosine "
+                                      "(per step, to 0)."),
     patience: int = typer.Option(0, help="Stop after this many epochs without a better "
                                  "validation score (0: never)."),
-    balance: str = typer.Option("none", help="none | weights (class-weighted loss) | sampler "
-                                "(class-balanced sampling); BreakHis is ~69% malignant."),
+    balance: Balance = typer.Option("none", help="weights: class-weighted loss; sampler: "
+                                    "class-balanced sampling (BreakHis is ~69% malignant)."),
     label_smoothing: float = typer.Option(0.0, help="Cross-entropy label smoothing."),
-    select: str = typer.Option(
-        "balanced_accuracy", help="Validation score that picks best.pt: balanced_accuracy "
-        "(default: robust to class imbalance) | auc | loss."),
+    select: Select = typer.Option(
+        "balanced_accuracy", help="Validation score that picks best.pt (balanced accuracy is "
+        "robust to class imbalance)."),
     color_jitter: float = typer.Option(0.0, help="Colour jitter strength (augmentation)."),
     hed_jitter: float = typer.Option(0.0, help="HED stain jitter sigma (augmentation)."),
-    stain: str = typer.Option(None, help="Stain normalisation: reinhard | macenko | vahadane."),
+    stain: StainMethod | None = typer.Option(None, help="Stain normalisation (default: none)."),
     stain_target: Path = typer.Option(None, help="Target image for --stain."),
     seed: int = typer.Option(0, help="Seed for initialisation, order and augmentation."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
-    amp: str = typer.Option("auto", help="auto (bf16/fp16 on GPU, off on CPU) | off | bf16 | "
-                            "fp16."),
+    device: str = device_option(),
+    amp: Amp = typer.Option("auto", help="Mixed precision: auto is bf16/fp16 on GPU, off on "
+                            "CPU."),
     channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last"),
     workers: int = typer.Option(None, help="DataLoader workers per process; default "
                                 "min(4, CPUs)."),
@@ -101,25 +114,33 @@ def train(
     with _errors():
         best = run(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
-        typer.echo(f"best checkpoint: {best}")
+        report_written(_run_files(best.parent))
+
+
+def _run_files(run: Path) -> list[Path]:
+    """What a training run wrote (``train`` docstring), as far as it exists."""
+    return [run / n for n in RUN_FILES if (run / n).is_file()]
 
 
 def train_all(
     manifest: Path = typer.Argument(..., help="Split manifest CSV."),
     out: Path = typer.Option(..., "--out", help="Root folder: one run folder per member."),
-    models_: str = typer.Option(ALL_MEMBERS, "--models", help="Comma-separated members."),
-    task: str = typer.Option("binary", help="binary | subtype."),
+    models_: str = typer.Option(ALL_MEMBERS, "--models", show_default=False,
+                                help="Comma-separated members (default: the study's ten, "
+                                f"{ALL_MEMBERS.replace(',', ', ')})."),
+    task: Task = typer.Option("binary", help="binary: benign/malignant; subtype: 8 classes."),
     fold: int = typer.Option(None, help="Fold of a kfold manifest."),
     magnification: str = typer.Option(None, help="One magnification only, e.g. 40X."),
     epochs: int = typer.Option(40, help="Epochs per member."),
     batch_size: int = typer.Option(32, help="Global batch."),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
+                                    help="ImageNet weights from the hub."),
     weights_dir: Path = typer.Option(None, help="Folder of local weights <member>.<ext>."),
-    balance: str = typer.Option("none", help="none | weights | sampler."),
-    schedule: str = typer.Option("constant", help="constant | cosine."),
-    select: str = typer.Option("balanced_accuracy", help="balanced_accuracy | auc | loss."),
+    balance: Balance = typer.Option("none", help="Class balancing (see train)."),
+    schedule: Schedule = typer.Option("constant", help="Learning-rate schedule."),
+    select: Select = typer.Option("balanced_accuracy", help="Validation score for best.pt."),
     seed: int = typer.Option(0, help="Seed."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    device: str = device_option(),
     workers: int = typer.Option(None, help="DataLoader workers per process."),
     cache_dir: str = typer.Option("", help="Shared cache; default <out>/cache, 'off' for none."),
 ) -> None:
@@ -139,8 +160,10 @@ def train_all(
         status = run_all(base, names, weights_dir=weights_dir)
     for name, what in status.items():
         typer.echo(f"{name}: {what}")
+    report_written([f for name, what in status.items() if what == "trained"
+                    for f in _run_files(Path(out) / name)])
     if any(s.startswith("failed") for s in status.values()):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILED)
 
 
 def register(app: typer.Typer) -> None:

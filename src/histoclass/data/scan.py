@@ -11,6 +11,9 @@ Accepted inputs:
    ``magnification``; relative paths are relative to the CSV), e.g. an existing manifest.
 
 BreakHis names win over folders: the name carries subtype, patient and magnification.
+
+Folders histoclass wrote (``explain`` figures and overlays) hold :data:`OUTPUT_MARKER`: a scan
+refuses such a folder and leaves such sub-folders out (reported), so figures never become data.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ COLUMNS = [
 ]
 
 
+OUTPUT_MARKER = ".histoclass-output"
+
+
 class ScanError(ValueError):
     """The input holds no usable image at all, or is not a folder or CSV."""
 
@@ -54,6 +60,44 @@ class ScanResult:
             f"{len(self.frame)} images kept, {len(self.skipped)} skipped, "
             f"{n_dup} in {len(self.duplicates)} duplicate groups"
         )
+
+
+def mark_output(folder: str | Path, command: str) -> Path:
+    """Mark ``folder`` as written by ``histoclass <command>``: scans will not take it for data."""
+    from histoclass._version import __version__
+
+    path = Path(folder) / OUTPUT_MARKER
+    path.write_text(f"written by histoclass {command} {__version__}: outputs, not data; "
+                    "histoclass refuses to scan this folder for images\n", encoding="utf-8")
+    return path
+
+
+def output_root(path: str | Path) -> Path | None:
+    """The folder at or above ``path`` that histoclass wrote (holds the marker), if any."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if (folder / OUTPUT_MARKER).is_file():
+            return folder
+    return None
+
+
+def refuse_output(path: str | Path) -> str | None:
+    """Why ``path`` is not data (it lies in a folder histoclass wrote), else ``None``."""
+    root = output_root(path)
+    if root is None:
+        return None
+    return (f"{root} was written by histoclass (it holds {OUTPUT_MARKER}): its images are "
+            "figures, not data; give the folder of the original images")
+
+
+def data_files(root: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Every file under ``root`` (sorted) except those in sub-folders histoclass wrote, and
+    those sub-folders as ``(folder, reason)``."""
+    root = Path(root)
+    written = sorted(m.parent for m in root.rglob(OUTPUT_MARKER) if m.is_file())
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER
+                   and not any(w in p.parents for w in written))
+    return files, [(str(w), refuse_output(w) or "") for w in written]
 
 
 def _from_folder(path: Path, root: Path) -> dict[str, str]:
@@ -81,10 +125,9 @@ def _describe(path: Path, root: Path | None) -> dict[str, str]:
 
 
 def _rows_from_dir(root: Path, groups: dict[str, str]) -> tuple[list[dict], list[tuple]]:
-    files = sorted(
-        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-    )
-    rows, bad = [], []
+    files, bad = data_files(root)
+    files = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    rows = []
     for p in files:
         try:
             row = {"path": str(p.resolve()), **_describe(p, root)}
@@ -154,9 +197,12 @@ def scan(
         progress: Show a progress bar.
 
     Raises:
-        ScanError: ``data`` does not exist, is empty, or holds no readable image.
+        ScanError: ``data`` does not exist, is empty, holds no readable image, or is a folder
+            histoclass wrote.
     """
     data = Path(data)
+    if data.is_dir() and refuse_output(data):
+        raise ScanError(refuse_output(data))
     if data.is_file() and data.suffix.lower() == ".csv":
         rows, bad = _rows_from_csv(data)
     elif data.is_dir():
@@ -185,7 +231,9 @@ def scan(
     kept: list[dict] = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
         results: Iterable = pool.map(check, rows)
-        for res in tqdm(results, total=len(rows), disable=not progress, desc="scan"):
+        # disable=None: a bar on a terminal, none in a log file (SLURM, CI)
+        for res in tqdm(results, total=len(rows), disable=None if progress else True,
+                        desc="scan"):
             (bad.append(res) if isinstance(res, tuple) else kept.append(res))
     for path, reason in bad:
         log.warning("skipped %s: %s", path, reason)

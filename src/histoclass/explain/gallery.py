@@ -1,7 +1,10 @@
 """Batch explanations: one figure and one full-resolution overlay per image, a CSV and an
 ``index.html`` gallery (no external resources) sortable by probability and correctness.
 
-Unreadable images are skipped, logged and listed by name in the gallery; the rest are processed.
+Outputs are named for what they are (``<stem>.cam.png``, ``<stem>.overlay.png``), and the folder
+is marked as histoclass output (:func:`histoclass.data.scan.mark_output`), so a later ``split``
+or ``predict`` of it refuses it rather than taking figures for data. Unreadable images are
+skipped, logged and listed by name in the gallery; the rest are processed.
 """
 
 from __future__ import annotations
@@ -42,27 +45,33 @@ def _unique(stem: str, used: set[str]) -> str:
 
 def explain_batch(ens: Ensemble, items: list[tuple[str, str]], out: str | Path, *,
                   method: str = "gradcam", target: str = "predicted", layer: str | None = None,
-                  alpha: float = 0.4, maps: bool = False,
+                  alpha: float | None = None, maps: bool = False,
                   skipped: Sequence[tuple[str, str]] = (), progress: bool = False
                   ) -> BatchResult:
     """Explain every image of ``items`` (``(path, true label or "")``) and write a gallery.
 
-    A lone member gives the three-panel figure; an ensemble the study's grid and the fused
-    overlay (:func:`~histoclass.explain.ensemble.explain_model`). Writes ``<name>.png``
-    (figure), ``<name>.overlay.png`` (full resolution), with ``maps`` ``<name>.cam.npy`` (the
-    fused map, float32 at full resolution), ``explanations.csv`` and ``index.html`` under
-    ``out``. ``skipped`` are inputs already left out (listed in the gallery with the rest).
+    Writes under ``out``: ``<name>.cam.png`` (field | heat map with colour bar | overlay, the
+    prediction and the true label; an ensemble's fused map,
+    :func:`~histoclass.explain.ensemble.explain_model`), for ensembles also
+    ``<name>.members.cam.png`` (the study's grid of member overlays), ``<name>.overlay.png``
+    (full resolution), with ``maps`` ``<name>.cam.npy`` (the fused map, float32 at full
+    resolution), ``explanations.csv``, ``index.html`` and the output marker. ``alpha`` is the
+    overlay's opacity where the map is 1 (default :data:`~histoclass.explain.figures.ALPHA`).
+    ``skipped`` are inputs already left out (listed in the gallery with the rest).
     """
     import pandas as pd
 
     from histoclass.data.images import ImageLoadError, load_rgb, to_array
+    from histoclass.data.scan import mark_output
     from histoclass.explain.figures import (
+        ALPHA,
         ensemble_figure,
         explanation_figure,
         save_figure,
         save_overlay,
     )
 
+    alpha = ALPHA if alpha is None else alpha
     if method not in METHODS:  # settings errors fail now, not once per image below
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
     for m in ens.members:
@@ -71,12 +80,13 @@ def explain_batch(ens: Ensemble, items: list[tuple[str, str]], out: str | Path, 
     class_index(target, classes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "explain")
     result, used = BatchResult(skipped=list(skipped)), set()
     iterator: Any = items
     if progress:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
-        iterator = tqdm(items, desc="explain", unit="img")
+        iterator = tqdm(items, desc="explain", unit="img", disable=None)  # None: tty only
     for path, label in iterator:
         try:
             image = to_array(load_rgb(path))
@@ -91,16 +101,20 @@ def explain_batch(ens: Ensemble, items: list[tuple[str, str]], out: str | Path, 
             log.warning("skipped %s: %s", path, exc)
             result.skipped.append((title, str(exc)))
             continue
-        fig = (ensemble_figure(image, e, title, alpha) if ens.is_ensemble
-               else explanation_figure(image, e, title, alpha))
         name = _unique(Path(path).stem, used)
-        save_figure(fig, out / f"{name}.png")
+        save_figure(explanation_figure(image, e, title, alpha, label), out / f"{name}.cam.png")
+        grid = ""
+        if ens.is_ensemble:
+            grid = f"{name}.members.cam.png"
+            save_figure(ensemble_figure(image, e, title, alpha, label=label), out / grid)
         save_overlay(image, e.cam, out / f"{name}.overlay.png", alpha)
         if maps:
             np.save(out / f"{name}.cam.npy", e.cam.astype(np.float32))
         pred = e.pred
-        row = {"path": str(path), "name": Path(path).name, "figure": f"{name}.png",
-               "overlay": f"{name}.overlay.png", "label": label, "pred": classes[pred],
+        row = {"path": str(path), "name": Path(path).name, "figure": f"{name}.cam.png",
+               "members_figure": grid, "overlay": f"{name}.overlay.png",
+               "map": f"{name}.cam.npy" if maps else "", "label": label,
+               "pred": classes[pred],
                "p_pred": float(e.probs[pred]),
                "correct": "" if not label else ("yes" if label == classes[pred] else "no")}
         row.update({f"p_{c}": float(p) for c, p in zip(classes, e.probs, strict=True)})
@@ -109,6 +123,16 @@ def explain_batch(ens: Ensemble, items: list[tuple[str, str]], out: str | Path, 
     result.gallery = write_gallery(out, result.rows, result.skipped, classes,
                                    title=f"histoclass explain ({method})")
     return result
+
+
+def written_files(out: str | Path, result: BatchResult) -> list[Path]:
+    """Every file :func:`explain_batch` wrote for ``result``, in a stable order."""
+    from histoclass.data.scan import OUTPUT_MARKER
+
+    out = Path(out)
+    keys = ("figure", "members_figure", "overlay", "map")
+    return [out / r[k] for r in result.rows for k in keys if r[k]] + [
+        out / "explanations.csv", out / "index.html", out / OUTPUT_MARKER]
 
 
 _ORDER = {"no": 0, "": 1, "yes": 2}  # misclassified first, then unlabelled, then correct
@@ -136,6 +160,8 @@ def write_gallery(out: str | Path, rows: list[dict[str, Any]], skipped: list[tup
 
     Click a column header to sort by it (again to reverse).
     """
+    from histoclass.explain.figures import CMAP, MAP_NOTE
+
     out = Path(out)
     rows = sorted(rows, key=lambda r: (_ORDER[r["correct"]], -r["p_pred"], r["name"]))
     heads = [("overlay", False), ("file", False), ("true", False), ("predicted", False),
@@ -145,9 +171,11 @@ def write_gallery(out: str | Path, rows: list[dict[str, Any]], skipped: list[tup
     body = []
     for r in rows:
         e = html.escape
-        cells = [
+        grid = (f'<br><a href="{e(r["members_figure"])}">members</a>'
+                if r.get("members_figure") else "")
+        cells = [  # width only: the thumbnail keeps the field's aspect ratio, never cropped
             (r["name"], f'<a href="{e(r["figure"])}"><img src="{e(r["overlay"])}" '
-                        f'alt="{e(r["name"])}" width="240"></a>'),
+                        f'alt="{e(r["name"])}" width="240"></a>{grid}'),
             (r["name"], e(r["name"])), (r["label"], e(r["label"] or "?")),
             (r["pred"], e(r["pred"])), (f'{r["p_pred"]:.6f}', f'{r["p_pred"]:.3f}'),
             *[(f'{r[f"p_{c}"]:.6f}', f'{r[f"p_{c}"]:.3f}') for c in classes],
@@ -170,7 +198,10 @@ tr.wrong{{background:#fdd}}</style>
 <script>{_SCRIPT}</script></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{len(rows)} image(s) explained, {wrong} misclassified, {len(skipped)} skipped.
-Click a column header to sort.</p>
+Click a column header to sort; click an overlay for its figure (field, heat map, overlay).</p>
+<p>Colour map: {CMAP} (dark blue low, yellow high; {html.escape(MAP_NOTE)}). The overlay
+tints only where the map is high (opacity = alpha &times; map), so unmarked tissue is the
+field as scanned.</p>
 <table id="gallery"><thead><tr>{th}</tr></thead><tbody>
 {chr(10).join(body)}
 </tbody></table>

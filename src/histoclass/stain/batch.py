@@ -134,7 +134,7 @@ def normalize_dataset(
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(normalizer,)) as pool:
             results = list(tqdm(pool.map(_one, jobs, chunksize=4), total=len(jobs),
-                                disable=not progress, desc="stain"))
+                                disable=None if progress else True, desc="stain"))
     else:  # in this process: same quiet logger, restored afterwards; BLAS threads untouched
         global _NORMALIZER
         _NORMALIZER = normalizer
@@ -142,7 +142,8 @@ def normalize_dataset(
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            results = [_one(j) for j in tqdm(jobs, disable=not progress, desc="stain")]
+            results = [_one(j) for j in tqdm(jobs, disable=None if progress else True,
+                                             desc="stain")]
         finally:
             quiet.setLevel(level)
 

@@ -169,8 +169,9 @@ def train_one_epoch(net: nn.Module, criterion: nn.Module, optimizer: torch.optim
     steps = len(loader)
     total = steps * cfg.epochs
     t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not d.main,
-               leave=True, dynamic_ncols=True)
+    # disable=None: a bar on a terminal, none in a log file (SLURM); other ranks never draw.
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=None if d.main else True, leave=True, dynamic_ncols=True)
     for i, (x, y) in enumerate(bar):
         f = lr_factor(cfg.schedule, epoch * steps + i, total)
         for g in optimizer.param_groups:

@@ -208,4 +208,5 @@ def _write_epoch(run: _Run, cfg: TrainConfig, row: dict[str, Any], improved: boo
                     meta_of(metrics=run.best, epoch=epoch, train_state=state))
     records.write_history(run.history, run.out / "history.csv")
     if plot or epoch % 5 == 0:
-        records.plot_history(run.history, run.out / "curves.png", cfg.select)
+        records.plot_history(run.history, run.out / "curves.png", cfg.select,
+                             (run.best or {}).get("epoch"))

@@ -1,6 +1,9 @@
 """What a run leaves besides its checkpoints: RNG state, ``config.yaml``, ``history.csv``,
 ``curves.png`` and the one-line epoch summary.
 
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never ``pyplot``: no
+global figure registry and no display needed.
+
 Undefined metrics (``None``) are an empty CSV cell, ``n/a`` in the summary and a gap in the plot.
 """
 
@@ -58,26 +61,56 @@ def epoch_line(row: dict[str, Any], improved: bool) -> str:
         for k, v in row.items() if k.startswith(("train_", "val_"))) + (" *" if improved else "")
 
 
-def plot_history(rows: list[dict[str, Any]], path: Path, select: str) -> None:
-    """Learning curves: losses on the left, validation scores on the right."""
-    import matplotlib
+_TITLES = {"loss": "cross-entropy loss", "accuracy": "accuracy",
+           "balanced_accuracy": "balanced accuracy", "auc": "ROC-AUC"}
 
-    matplotlib.use("Agg")  # files only, never a window (servers, workers)
-    import matplotlib.pyplot as plt
+
+def plot_history(rows: list[dict[str, Any]], path: Path, select: str,
+                 best_epoch: int | None = None) -> Any:
+    """Learning curves: one panel per metric, training and validation together (validation only
+    where training has no such score), whole-number epoch ticks, the legend below the panels
+    (never over a line) and ``best_epoch``, the epoch kept as ``best.pt``, marked on every panel.
+
+    Returns:
+        The ``matplotlib.figure.Figure``, already written to ``path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     def column(key: str) -> list[float]:  # NaN draws an undefined value as a gap
-        return [math.nan if r[key] is None else r[key] for r in rows]
+        return [math.nan if r.get(key) is None else r[key] for r in rows]
 
+    keys = list(rows[0])
+    metrics = list(dict.fromkeys(k.split("_", 1)[1] for k in keys
+                                 if k.startswith(("train_", "val_"))))
+    metrics.sort(key=lambda m: m != "loss")  # loss first, scores in the order recorded
     ep = [r["epoch"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, column("train_loss"), label="train")
-    a.plot(ep, column("val_loss"), label="validation")
-    a.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    a.legend()
-    for key in ("train_accuracy", "val_accuracy", "val_balanced_accuracy", "val_auc"):
-        b.plot(ep, column(key), label=key)
-    b.set(xlabel="epoch", ylim=(0, 1.02), title=f"scores (selection: val {select})")
-    b.legend(loc="lower right")
-    fig.tight_layout()
+    fig = Figure(figsize=(3.3 * len(metrics), 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics, strict=True):
+        for split, colour, name in (("train", "C0", "training"), ("val", "C1", "validation")):
+            if f"{split}_{metric}" in keys:
+                ax.plot(ep, column(f"{split}_{metric}"), color=colour, marker="o", ms=3,
+                        label=name)
+        title = _TITLES.get(metric, metric.replace("_", " "))
+        ax.set_title(title + (" (selects best.pt)" if metric == select else ""), fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.set_xlim(min(ep) - 0.5, max(ep) + 0.5)
+        if metric != "loss":
+            ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="0.35", ls="--", lw=1, label=f"best.pt: epoch "
+                       f"{best_epoch} (best validation {_TITLES.get(select, select)})")
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:  # one entry per line kind, whichever panel has it
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
