@@ -138,7 +138,7 @@ def test_cli_publish_then_predict_explain_export_by_name(members, tmp_path):
     _, paths = members
     res = runner.invoke(app, ["publish", str(paths[0]), "--out", str(tmp_path / "pub")])
     assert res.exit_code == 0, res.output
-    assert f"wrote {tmp_path / 'pub' / 'model.safetensors'}" in res.output
+    assert f"  {tmp_path / 'pub' / 'model.safetensors'}\n" in res.output  # every file written
     name = f"local-dir:{tmp_path / 'pub'}"
     res = runner.invoke(app, ["predict", name, *map(str, IMAGES), "--out", str(tmp_path / "p.csv"),
                               "--device", "cpu", "--workers", "0"])
@@ -170,4 +170,4 @@ def test_push_failure_is_one_line_and_keeps_the_folder(members, tmp_path):
         f"error: push of {tmp_path / 'pub'} to hf-hub:someone/model failed ("), res.stderr
     assert "Traceback" not in res.stderr
     assert (tmp_path / "pub" / "model.safetensors").is_file()
-    assert f"wrote {tmp_path / 'pub' / 'README.md'}" in res.stdout
+    assert f"  {tmp_path / 'pub' / 'README.md'}\n" in res.stdout

@@ -39,9 +39,9 @@ def publish(
     with user_errors(CheckpointError, PushError, RuntimeError):
         files = write(model, out, metrics=metrics, manifest=manifest, dataset=dataset,
                       license_id=license_id, fmt=fmt, mpp=mpp, repo_id=push)
+        report_written(files)  # before the push: a failed upload keeps the folder
         if push:
             typer.echo(f"pushed to hf-hub:{push}: {push_folder(out, push, private)}")
-    report_written(files)
 
 
 def register(app: typer.Typer) -> None:
