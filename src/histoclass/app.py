@@ -111,7 +111,7 @@ def analyse(files: list[Any] | None, clf: Model, limits: Limits, explain: bool =
                                                 "(see the server log)"), None
         item = describe(pred, clf)
         items.append(item)
-        if over is not None:
+        if over is not None and item["error"] is None:  # no overlay for an answer not given
             gallery.append((over, f"{item['image']}: {item['verdict']} "
                                   f"({_pct(item['p_malignant'])} malignant)"))
     text = "\n\n".join(notes + [verdict_markdown(i, clf) for i in items])

@@ -108,6 +108,10 @@ def explain(
     from histoclass.models import CheckpointError
 
     with user_errors(ImageLoadError, CheckpointError):
+        if out is not None and not score:
+            from histoclass.data.files import check_output
+
+            check_output(out, "folder")  # before any model is loaded or CAM computed
         models, images = _split_inputs(inputs)
         ens = _model(models, ensemble_weights)
         items, skipped = _items(images, manifest, split, ens.classes)

@@ -16,7 +16,8 @@ def predict(
     manifest: Path = typer.Option(None, help="Split manifest to predict one split of."),
     split: str = typer.Option("test", help="Split of --manifest: train, val or test."),
     fold: int = typer.Option(None, help="Fold of a k-fold manifest."),
-    out: Path = typer.Option(..., "--out", help="Predictions CSV (skipped.csv goes beside it)."),
+    out: Path = typer.Option(..., "--out", help="Predictions CSV (<name>.skipped.csv goes "
+                             "beside it)."),
     tta: bool = typer.Option(False, "--tta", help="Average the 8 flips/90-degree rotations."),
     batch_size: int = typer.Option(16, help="Images per forward pass."),
     workers: int = typer.Option(2, help="Decoding threads (overlapped with inference)."),
@@ -29,11 +30,18 @@ def predict(
     """Predict images, folders or a manifest split with a checkpoint or an ensemble."""
     from histoclass.api import open_classifier
     from histoclass.models import CheckpointError
-    from histoclass.predict import expand_inputs, predict_manifest, predict_paths, write_predictions
+    from histoclass.predict import (
+        check_out,
+        expand_inputs,
+        predict_manifest,
+        predict_paths,
+        write_predictions,
+    )
 
     with user_errors(CheckpointError):
         if (manifest is None) == (not inputs):
             raise ValueError("give either --manifest or image files/folders, not both or neither")
+        check_out(out, [model, manifest, *(inputs or [])])  # before any image is decoded
         clf = open_classifier(model, backend, device)
         kw = {"tta": tta, "batch_size": batch_size, "workers": workers,
               "refer_threshold": refer_threshold, "progress": True}
@@ -50,12 +58,19 @@ def predict(
         for p, reason in pred.skipped:
             typer.echo(f"  {p}: {reason}")
     frame = pred.frame
-    if frame.empty:
+    failed = int((frame["pred"] == "").sum()) if len(frame) else 0
+    if failed:  # non-finite outputs: listed in the CSV's error column, never given a class
+        typer.secho(f"error: {failed} image(s) gave a non-finite model output (NaN/inf): no "
+                    f"class assigned, see the error column of {csv}", fg=typer.colors.RED,
+                    err=True)
+    if frame.empty or failed == len(frame):
         typer.secho("error: no input could be predicted", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
-    counts = ", ".join(f"{k} {v}" for k, v in frame["pred"].value_counts().sort_index().items())
+    counts = ", ".join(f"{k} {v}" for k, v in frame["pred"].value_counts().sort_index().items()
+                       if k != "")
     extra = f"; refer {int(frame['refer'].sum())}" if "refer" in frame else ""
-    typer.echo(f"{len(frame)} image(s) predicted ({counts or 'none'}{extra}); wrote {csv}")
+    typer.echo(f"{len(frame) - failed} image(s) predicted ({counts or 'none'}{extra}); "
+               f"wrote {csv}")
 
 
 def ensemble(
@@ -76,6 +91,7 @@ def ensemble(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1..."),
 ) -> None:
     """Combine member checkpoints into an ensemble file, fitted on validation only."""
+    from histoclass.data.files import check_output
     from histoclass.models import CheckpointError
     from histoclass.train import fit_ensemble, preset_members
 
@@ -83,6 +99,7 @@ def ensemble(
         if preset and members:
             raise ValueError("give member checkpoints or --preset, not both")
         paths = preset_members(preset, runs) if preset else list(members or [])
+        check_output(out, inputs=(*paths, manifest))  # before members are loaded and fitted
         ens = fit_ensemble(paths, method, manifest, fold=fold, refer_threshold=refer_threshold,
                            seed=seed, batch_size=batch_size, workers=workers, device=device)
         path = ens.save(out)

@@ -33,9 +33,11 @@ from histoclass.models.checkpoint import (
     CheckpointError,
     atomic_save,
     check_checkpoint,
+    check_ensemble_numbers,
     file_sha256,
     load_checkpoint,
     load_file,
+    load_reason,
     model_from,
     preprocess_of,
     stain_of,
@@ -249,14 +251,23 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> Ens
     if obj.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: ensemble format version {obj['version']} is newer than "
                               f"this histoclass understands ({VERSION}); upgrade histoclass")
-    files = [_member_file(path, e) for e in obj["members"]]
-    members = [load_member(f, e["name"], device) for f, e in zip(files, obj["members"],
-                                                                   strict=True)]
+    entries = obj.get("members")
+    if not (isinstance(entries, list) and entries and obj.get("method") in METHODS and all(
+            isinstance(e, dict) and {"name", "path", "abs_path", "sha256"} <= set(e)
+            for e in entries)):
+        raise CheckpointError(f"{path}: ensemble file with malformed members or method "
+                              f"{obj.get('method')!r} (valid: {', '.join(METHODS)})")
+    files = [_member_file(path, e) for e in entries]
+    members = [load_member(f, e["name"], device) for f, e in zip(files, entries, strict=True)]
+    check_ensemble_numbers(obj, path)
     head = None
     if obj.get("head") is not None:
-        head = ConcatHead(**obj["head_config"])
-        head.load_state_dict(obj["head"])
-        head.eval()
+        try:
+            head = ConcatHead(**obj["head_config"]).eval()
+            head.load_state_dict(obj["head"])
+        except (TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: concat head does not load ({load_reason(exc)})"
+                                  ) from None
     return Ensemble(members, obj["method"], weights=obj.get("weights"), stack=obj.get("stack"),
                     head=head, refer_threshold=obj.get("refer_threshold", DEFAULT_REFER),
                     member_paths=files, fit=obj.get("fit")).to(device)
