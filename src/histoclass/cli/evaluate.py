@@ -34,12 +34,14 @@ def evaluate(
         "names carry no patient id have none: patient-level metrics are then n/a)."),
 ) -> None:
     """Image- and patient-level metrics with patient-bootstrap 95% CIs, and an HTML report."""
+    from histoclass.data.files import check_output
     from histoclass.data.splits import LEAK_NOTE
     from histoclass.evaluate import evaluate_files, write_outputs
     from histoclass.metrics import METRICS, PATIENT_METRICS
     from histoclass.report import fmt, write_report
 
     with user_errors():
+        check_output(out, "folder")
         ev = evaluate_files(preds, threshold=threshold, bootstrap=bootstrap, seed=seed,
                             split=split, fold_column=fold_column,
                             refer_threshold=refer_threshold, groups=groups)

@@ -266,10 +266,10 @@ def scan(
         raise ScanError(f"{data}: no such file or folder")
     else:
         raise ScanError(f"{data}: expected a folder of images or a CSV with path,label columns")
-    if not rows and not bad:
+    if not rows:
         raise ScanError(
             f"{data}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
+            + (f"; left out {len(bad)}, e.g. {bad[0][0]}: {bad[0][1]}" if bad else ""))
 
     def check(row: dict) -> dict | tuple[str, str]:
         try:
@@ -287,7 +287,7 @@ def scan(
     for path, reason in bad:
         log.warning("skipped %s: %s", path, reason)
     if not kept:
-        raise ScanError(f"{data}: none of the {len(bad)} image file(s) could be read")
+        raise ScanError(f"{data}: none of the {len(rows)} image file(s) could be read")
 
     frame = pd.DataFrame([{c: row.get(c, "") for c in COLUMNS} for row in kept])
     frame = frame.sort_values("path", kind="stable").reset_index(drop=True)
