@@ -210,7 +210,7 @@ def run(cfg: RunConfig, force: bool = False, offline_hint: str = OFFLINE_HINT) -
     """
     from histoclass import preflight
     from histoclass.data.files import check_output, remove_stale_temps
-    from histoclass.models.factory import WeightsError, hub_problem
+    from histoclass.models.factory import HubError, WeightsError, hub_problem
 
     cfg.validate()
     hub = [s["model"] for _, s in member_specs(cfg)
@@ -227,7 +227,10 @@ def run(cfg: RunConfig, force: bool = False, offline_hint: str = OFFLINE_HINT) -
     preds: dict[str, list[Path]] = {}
     for fold in _folds(cfg):
         base = out if fold is None else out / f"fold{fold}"
-        members = train_members(cfg, manifest, fold, base)
+        try:
+            members = train_members(cfg, manifest, fold, base)
+        except HubError as exc:  # the hub failed mid-run: this command's flags, not train's
+            raise WeightsError(f"{exc.reason}; {offline_hint}") from None
         ensembles = build_ensembles(cfg, manifest, fold, base, members)
         for name, csv in predict_test(cfg, manifest, fold, base, members + ensembles).items():
             preds.setdefault(name, []).append(csv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +22,18 @@ HUB_TIMEOUT = 3.0  # seconds the hub gets to answer before a run calls it unreac
 
 class WeightsError(ValueError):
     """A weights file that is missing, unreadable, or does not fit the architecture."""
+
+
+class HubError(WeightsError):
+    """ImageNet weights could not come from the hub; ``reason`` is why, without the advice
+    (flags differ between ``train`` and ``demo``, so callers add their own)."""
+
+    def __init__(self, reason: str, advice: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}; {advice}")
+
+
+TRAIN_ADVICE = "offline, pass --weights FILE (a local weights file) or --no-pretrained"
 
 
 def _state_dict_of(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -144,13 +157,25 @@ def hub_unreachable(timeout: float = HUB_TIMEOUT) -> str | None:
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return "HF_HUB_OFFLINE is set"
     url = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return None  # it answered
-    except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, bad URLs
-        return f"cannot reach the Hugging Face hub at {url} ({getattr(exc, 'reason', exc)})"
-    return None
+    answer: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                   timeout=timeout).close()
+            answer.append(None)
+        except urllib.error.HTTPError as exc:  # the hub answers its root; 401/403: it is there
+            answer.append(None if exc.code in (401, 403) else f"HTTP {exc.code} from {url}: not "
+                          "the hub (a proxy or captive portal?)")
+        except (OSError, ValueError) as exc:  # URLError, timeouts, refusals, bad URLs
+            answer.append(f"{getattr(exc, 'reason', exc)}")
+
+    # The whole probe gets ``timeout`` seconds (a server trickling bytes cannot stretch it).
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    why = answer[0] if answer else f"no answer within {timeout:g} s"
+    return None if why is None else f"cannot reach the Hugging Face hub at {url} ({why})"
 
 
 def cached_weights(timm_name: str) -> str | None:
@@ -186,18 +211,14 @@ def _from_hub(name: str, num_classes: int, drop_rate: float) -> nn.Module:
     if why is not None:
         cached = cached_weights(name)
         if cached is None:
-            raise WeightsError(f"{why}; no cached ImageNet weights for {name}: offline, pass "
-                               "--weights FILE (a local weights file) or --no-pretrained")
+            raise HubError(f"{why}; no cached ImageNet weights for {name}", TRAIN_ADVICE)
         log.info("%s; using the cached weights %s", why, cached)
         kwargs["pretrained_cfg_overlay"] = {"file": cached}
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # network, hub and cache errors come in many types
-        raise WeightsError(
-            f"could not get ImageNet weights for {name} from the Hugging Face hub "
-            f"({load_reason(exc)}); pass --weights FILE to load a local file offline, or "
-            "--no-pretrained"
-        ) from None
+        raise HubError(f"could not get ImageNet weights for {name} from the Hugging Face hub "
+                       f"({load_reason(exc)})", TRAIN_ADVICE) from None
 
 
 def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
