@@ -14,7 +14,7 @@ def test_split_then_audit_clean(official_tree, tmp_path):
     assert "SOB_B_A-14-22549AB-40-009.png: corrupt or truncated" in res.output
     assert "duplicate images:" in res.output
     assert "patients" in res.output and "400X" in res.output
-    assert (out / "skipped.csv").read_text().count("\n") == 2
+    assert (out / "manifest.skipped.csv").read_text().count("\n") == 2
     res = runner.invoke(app, ["audit", str(out / "manifest.csv")])
     assert res.exit_code == 0 and res.output.startswith("clean: ")
 

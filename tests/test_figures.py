@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histoclass.data.scan import OUTPUT_MARKER, ScanError, mark_output, scan
+from histoclass.data.files import OUTPUT_MARKER, mark_output
+from histoclass.data.scan import ScanError, scan
 from histoclass.explain import EnsembleExplanation, Explanation, ensemble_figure, overlay
 from histoclass.explain.figures import CMAP, css_gradient, explanation_figure, heat_rgba
 from histoclass.train.records import plot_history

@@ -11,16 +11,17 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "histoclass"
 # Layers, bottom up: a module may import its own layer and those below it, never above.
 LAYERS = [
-    {"histoclass.data", "histoclass.stain", "histoclass.metrics"},
+    {"histoclass.data", "histoclass.stain", "histoclass.metrics", "histoclass.evidence"},
     {"histoclass.models"},
     {"histoclass.predict", "histoclass.explain"},
     {"histoclass.train", "histoclass.evaluate", "histoclass.report", "histoclass.deploy"},
-    {"histoclass.pipeline", "histoclass.api"},
+    {"histoclass.pipeline", "histoclass.api", "histoclass.preflight"},
     {"histoclass.cli", "histoclass.app", "histoclass.__main__"},
 ]
 NO_TORCH = ("histoclass.data.breakhis", "histoclass.data.images", "histoclass.data.manifest",
             "histoclass.data.scan", "histoclass.data.splits", "histoclass.stain",
-            "histoclass.metrics", "histoclass.evaluate")
+            "histoclass.metrics", "histoclass.evaluate", "histoclass.evidence",
+            "histoclass.data.files")
 
 
 def _module(path: Path) -> str:

@@ -65,7 +65,7 @@ def test_bad_files_are_skipped_and_reported_rest_predicted(trained, tmp_path):
     frame = pd.read_csv(out, keep_default_na=False)
     assert sorted(frame["path"]) == sorted(str(folder / p.name) for p in good)
     assert set(frame["label"]) == {"malignant"}  # from the class folder
-    skipped = pd.read_csv(out.with_name("skipped.csv"))
+    skipped = pd.read_csv(out.with_name(f"{out.stem}.skipped.csv"))
     reasons = dict(zip(skipped["path"], skipped["reason"], strict=True))
     assert set(reasons) == {str(folder / "truncated.jpg"), str(folder / "notes.png"),
                             str(folder / "readme.txt"), str(tmp_path / "missing.png")}
@@ -207,7 +207,7 @@ def test_nothing_readable_is_an_error_and_still_reported(trained, tmp_path):
                                    str(tmp_path / "bad.png"), "--out", str(out),
                                    "--workers", "0"])
     assert res.exit_code == 1 and "no input could be predicted" in res.output
-    skipped = pd.read_csv(out.with_name("skipped.csv"))
+    skipped = pd.read_csv(out.with_name(f"{out.stem}.skipped.csv"))
     assert dict(zip(skipped["path"], skipped["reason"], strict=True)) == {
         str(tmp_path / "empty"): "empty folder",
         str(tmp_path / "bad.png"): "corrupt or truncated image (PNG header, undecodable data)",

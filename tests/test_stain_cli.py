@@ -57,7 +57,7 @@ def test_stain_writes_copies_manifest_and_target(data, tmp_path):
     for row in manifest.itertuples():
         original = to_array(load_rgb(row.source_path))
         np.testing.assert_array_equal(to_array(load_rgb(out / row.path)), norm(original))
-    assert (out / "skipped.csv").read_text().count("corrupt.png") == 1
+    assert (out / "manifest.skipped.csv").read_text().count("corrupt.png") == 1
 
 
 def test_manifest_input_keeps_its_columns_and_json_target_reproduces(data, tmp_path):

@@ -25,7 +25,7 @@ from histoclass.data.breakhis import SUBTYPE_LABEL
 from histoclass.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, _to_rgb, load_rgb
 from histoclass.models import Classifier, Ensemble, Scores, load_model_file, resolve_device
 from histoclass.models.classifier import concat_scores
-from histoclass.predict import score_frame
+from histoclass.predict import NONFINITE, nonfinite, score_frame
 
 ImageLike = str | Path | Image.Image | np.ndarray
 BACKENDS = ("torch", "onnx")
@@ -41,7 +41,8 @@ class Prediction:
         members: Per-member probabilities, by member name (ensembles only).
         disagreement: Member disagreement (ensembles only).
         refer: True when the disagreement is above the model's refer threshold.
-        error: Why the image could not be read, else ``None``.
+        error: Why the image could not be read, or why it has no answer (a non-finite model
+            output), else ``None``.
     """
 
     source: str
@@ -194,12 +195,14 @@ class Model:
             max_pixels: Refuse images with more pixels than this.
         """
         sources, errors, scores = self._score(images, batch_size, max_pixels)
+        bad = nonfinite(scores)  # a NaN/inf output is an error, never a class or a verdict
         out, k = [], 0
         for source, error in zip(sources, errors, strict=True):
             if error is not None:
                 out.append(Prediction(source, error=error))
                 continue
-            out.append(self._result(source, scores, k))
+            out.append(Prediction(source, error=NONFINITE) if bad[k]
+                       else self._result(source, scores, k))
             k += 1
         return out
 
@@ -219,7 +222,10 @@ class Model:
         frame["pred"] = frame["pred"].fillna("")
         if "refer" in frame:
             frame["refer"] = frame["refer"].fillna(0).astype(int)
-        frame["error"] = [e or "" for e in errors]
+        output_errors = frame.pop("error") if "error" in frame else [None] * len(sources)
+        # one rule with score_frame: an unreadable file or a non-finite output is an error row
+        frame["error"] = [e or (o if isinstance(o, str) else "") for e, o in
+                          zip(errors, output_errors, strict=True)]
         return frame
 
     def explain(self, image: ImageLike, method: str = "gradcam", target: str = "predicted",
@@ -246,8 +252,10 @@ class Model:
             pred = self.predict(arr)[0]
             members = {n: overlay(arr, m.cam, alpha) for n, _, m in e.members}
         else:
-            pred = Prediction(_name(image, 0), dict(zip(self.classes, map(float, e.probs),
-                                                        strict=True)))
+            probs = np.asarray(e.probs, dtype=float)
+            pred = (Prediction(_name(image, 0), dict(zip(self.classes, probs.tolist(),
+                                                         strict=True)))
+                    if np.isfinite(probs).all() else Prediction(_name(image, 0), error=NONFINITE))
             members = {}
         return Explained(overlay(arr, e.cam, alpha), e.cam, pred, self.classes[e.target], members)
 

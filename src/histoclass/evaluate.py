@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from histoclass import evidence
 from histoclass.data.breakhis import LABELS, MAGNIFICATIONS, SUBTYPES
 from histoclass.data.manifest import leaks_patients, read_table
 from histoclass.metrics import (
@@ -70,16 +71,6 @@ def detect_task(columns: Sequence[str], source: str = "predictions") -> Task:
     )
 
 
-def _floats(frame: pd.DataFrame, column: str, source: str) -> np.ndarray:
-    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(float)
-    bad = ~((values >= 0) & (values <= 1))  # also catches NaN from empty or non-numeric cells
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{source}: column {column} row {row + 2} is {frame[column].iloc[row]!r};"
-                         " probabilities must be numbers in [0, 1]")
-    return values
-
-
 def read_predictions(path: str | Path, split: str = "test") -> tuple[pd.DataFrame, Task]:
     """Read one predictions CSV: the labelled rows of one split, probabilities as floats.
 
@@ -94,6 +85,7 @@ def read_predictions(path: str | Path, split: str = "test") -> tuple[pd.DataFram
     path = Path(path)
     frame = read_table(path, REQUIRED, "predictions file", "predictions CSV")
     task = detect_task(list(frame.columns), str(path))
+    frame, errors = evidence.drop_errors(frame, str(path))  # NaN outputs: counted, not scored
     for col in ("magnification", "protocol", "split", task.label_column):
         if col not in frame.columns:
             frame[col] = ""
@@ -113,8 +105,9 @@ def read_predictions(path: str | Path, split: str = "test") -> tuple[pd.DataFram
                          f"valid: {', '.join(task.classes)}")
     frame["y"] = [task.classes.index(t) for t in truth]
     for col in [*task.prob_columns, *(c for c in frame.columns if MEMBER.match(c))]:
-        frame[col] = _floats(frame, col, str(path))
+        frame[col] = evidence.probability_column(frame, col, str(path))
     frame["source"] = str(path)
+    frame.attrs["errors"] = errors
     return frame, task
 
 
@@ -137,9 +130,11 @@ def metric_set(frame: pd.DataFrame, task: Task, threshold: float = 0.5, prefix: 
     with quiet():  # one warning naming the subset, below, instead of one per metric
         out = binary_metrics(y, p, threshold) if task.kind == "binary" else \
             multiclass_metrics(y, p)
+        known = evidence.patients_known(frame)  # no ids: no patient number, not one "patient"
         out["patient_recognition_rate"] = patient_recognition_rate(
-            frame["patient_id"], predicted(p, threshold) == y)
-        out["patient_accuracy"] = patient_accuracy(frame["patient_id"], y, p, threshold)
+            frame["patient_id"], predicted(p, threshold) == y) if known else None
+        out["patient_accuracy"] = patient_accuracy(frame["patient_id"], y, p,
+                                                   threshold) if known else None
     nulls = [k for k, v in out.items() if v is None]
     if nulls and context:
         log.warning("%s: undefined metric(s) reported as null: %s", context, ", ".join(nulls))
@@ -229,7 +224,8 @@ def referral(frame: pd.DataFrame, task: Task, threshold: float,
 
 def evaluate_files(paths: Sequence[str | Path], threshold: float = 0.5, bootstrap: int = 1000,
                    seed: int = 0, split: str = "test", fold_column: str | None = None,
-                   refer_threshold: float | None = None) -> Evaluation:
+                   refer_threshold: float | None = None,
+                   groups: str | Path | None = None) -> Evaluation:
     """Evaluate one predictions CSV, or several (one per fold: mean and std over folds).
 
     Args:
@@ -240,10 +236,14 @@ def evaluate_files(paths: Sequence[str | Path], threshold: float = 0.5, bootstra
         split: Rows to evaluate (``all`` for every row).
         fold_column: With one CSV, split it into folds by this column.
         refer_threshold: Disagreement above which an ensemble refers an image.
+        groups: ``path,group`` CSV giving patient ids (see :func:`histoclass.evidence`).
     """
     if not 0 < threshold < 1:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     parts = [read_predictions(p, split) for p in paths]
+    errors = sum(f.attrs.get("errors", 0) for f, _ in parts)
+    if groups is not None:
+        parts = [(evidence.attach_groups(f, groups), t) for f, t in parts]
     tasks = {task for _, task in parts}
     if len(tasks) > 1:
         found = [(str(p), t.kind, t.classes) for p, (_, t) in zip(paths, parts, strict=True)]
@@ -254,12 +254,13 @@ def evaluate_files(paths: Sequence[str | Path], threshold: float = 0.5, bootstra
         if len(frames) != 1 or fold_column not in frames[0].columns:
             raise ValueError(f"fold column {fold_column!r} needs exactly one predictions file "
                              f"that has it; got {names}")
-        groups = frames[0].groupby(fold_column, sort=True)
-        names, frames = [f"{fold_column}={k}" for k, _ in groups], [g for _, g in groups]
+        by_fold = frames[0].groupby(fold_column, sort=True)
+        names, frames = [f"{fold_column}={k}" for k, _ in by_fold], [g for _, g in by_fold]
     pooled = pd.concat(frames, ignore_index=True)
     if len(pooled) == 0:
         raise ValueError(f"no labelled predictions to evaluate in {names}")
-    metrics = evaluate_frame(pooled, task, threshold, bootstrap, seed)
+    ci_note = evidence.ci_refusal(pooled) if bootstrap else "n/a: --bootstrap 0"
+    metrics = evaluate_frame(pooled, task, threshold, 0 if ci_note else bootstrap, seed)
     folds = None
     if len(frames) > 1:
         per_fold = [evaluate_frame(f, task, threshold, 0, context=n)
@@ -268,14 +269,18 @@ def evaluate_files(paths: Sequence[str | Path], threshold: float = 0.5, bootstra
         # top level reports the fold mean; ci95 stays the bootstrap of the pooled out-of-fold rows
         metrics.update(folds["mean"])
         metrics["per_magnification"] = folds["per_magnification_mean"]
+    known = evidence.patients_known(pooled)
     members = {n: metric_set(pooled, task, threshold, f"member.{n}.", f"member {n}")
                for n in member_names(pooled)}
     if members:  # the ensemble on the same pooled rows, for a like-for-like comparison
         members["ensemble"] = metric_set(pooled, task, threshold)
     meta = {"files": [str(p) for p in paths], "task": task.kind, "classes": list(task.classes),
             "threshold": threshold, "bootstrap": bootstrap, "seed": seed, "split": split,
-            "images": len(pooled), "patients": int(pooled["patient_id"].nunique()),
-            "leaks_patients": bool(leaks_patients(pooled))}
+            "images": len(pooled), "leaks_patients": bool(leaks_patients(pooled)),
+            "patients": int(pooled["patient_id"].nunique()) if known else None,
+            "patient_note": None if known else evidence.NO_PATIENTS, "ci_rule": evidence.CI_RULE,
+            "ci_note": ci_note, "source": evidence.describe_source(pooled),
+            "errors": errors, "groups": None if groups is None else str(groups)}
     return Evaluation(metrics, pooled, task, threshold, folds, members,
                       referral(pooled, task, threshold, refer_threshold), meta)
 

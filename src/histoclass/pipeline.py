@@ -24,6 +24,8 @@ import yaml
 
 log = logging.getLogger(__name__)
 
+OFFLINE_HINT = ("offline, set train: {pretrained: false} or weights: {<model>: FILE} in the "
+                "config")
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "f1", "mcc",
                    "patient_recognition_rate", "patient_accuracy")
 
@@ -55,7 +57,23 @@ class RunConfig:
         if unknown:
             raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys are "
                              f"{sorted(cls.__dataclass_fields__)}")
-        return cls(**raw)
+        cfg = cls(**raw)
+        try:
+            cfg.validate()
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        return cfg
+
+    def validate(self) -> None:
+        """Check every block (each member's training settings, each ensemble, predict,
+        evaluate) before any work (:func:`histoclass.preflight.validate_run`).
+
+        Raises:
+            ValueError: Naming the block, the key and the valid keys or values.
+        """
+        from histoclass.preflight import validate_run
+
+        validate_run(self, member_specs(self))
 
 
 def member_specs(cfg: RunConfig) -> list[tuple[str, dict[str, Any]]]:
@@ -77,6 +95,7 @@ def _folds(cfg: RunConfig) -> list[int | None]:
 def make_manifest(cfg: RunConfig) -> Path:
     """Scan and split the data once; later runs reuse the manifest."""
     from histoclass.data import make_split, resolve_data, scan, write_manifest
+    from histoclass.data.manifest import skip_list_path
 
     path = Path(cfg.out) / "manifest.csv"
     if path.is_file():
@@ -85,10 +104,14 @@ def make_manifest(cfg: RunConfig) -> Path:
     protocol = opts.pop("protocol", "patient")
     mags = opts.pop("magnification", None)
     result = scan(resolve_data(cfg.data), groups=opts.pop("groups", None))
-    for p, reason in result.skipped:
-        log.warning("skipped %s: %s", p, reason)
+    for line in result.grouping_warnings():
+        log.warning("%s", line)
     frame = make_split(result.frame, protocol, magnifications=[mags] if isinstance(mags, str)
                        else mags, **opts)
+    if result.skipped:  # listed beside the manifest, nothing lost without a word
+        log.warning("skipped %d file(s), listed in %s", len(result.skipped),
+                    write_manifest(pd.DataFrame(result.skipped, columns=["path", "reason"]),
+                                   skip_list_path(path)))
     return write_manifest(frame, path)
 
 
@@ -173,16 +196,41 @@ def evaluate_all(cfg: RunConfig, preds: dict[str, list[Path]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run(cfg: RunConfig) -> pd.DataFrame:
-    """Run (or resume) the whole pipeline; returns the members-vs-ensembles summary."""
+def run(cfg: RunConfig, force: bool = False, offline_hint: str = OFFLINE_HINT) -> pd.DataFrame:
+    """Run (or resume) the whole pipeline; returns the members-vs-ensembles summary.
+
+    Everything that can be checked is checked before any work and before anything is
+    written: the config (:meth:`RunConfig.validate`), the hub when ImageNet weights must come
+    from it (seconds, not a minute of retries), the run folder's earlier settings
+    (:func:`check_run_folder`; ``force`` starts afresh) and that it can be written.
+
+    Raises:
+        WeightsError: The hub is unreachable and weights are not cached (``offline_hint`` says
+            what to pass instead).
+    """
+    from histoclass import preflight
+    from histoclass.data.files import check_output, remove_stale_temps
+    from histoclass.models.factory import HubError, WeightsError, hub_problem
+
+    cfg.validate()
+    hub = [s["model"] for _, s in member_specs(cfg)
+           if s.get("pretrained", True) and not (s.get("weights") or cfg.weights.get(s["model"]))]
+    problem = hub_problem(hub) if hub else None
+    if problem:
+        raise WeightsError(f"{problem}; {offline_hint}")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    preflight.check_run_folder(cfg, force)
+    check_output(out, "folder")
+    remove_stale_temps(out, recursive=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.__dict__, sort_keys=False))
     manifest = make_manifest(cfg)
     preds: dict[str, list[Path]] = {}
     for fold in _folds(cfg):
         base = out if fold is None else out / f"fold{fold}"
-        members = train_members(cfg, manifest, fold, base)
+        try:
+            members = train_members(cfg, manifest, fold, base)
+        except HubError as exc:  # the hub failed mid-run: this command's flags, not train's
+            raise WeightsError(f"{exc.reason}; {offline_hint}") from None
         ensembles = build_ensembles(cfg, manifest, fold, base, members)
         for name, csv in predict_test(cfg, manifest, fold, base, members + ensembles).items():
             preds.setdefault(name, []).append(csv)

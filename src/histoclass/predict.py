@@ -7,10 +7,10 @@ an unreadable file becomes a ``(path, reason)`` entry in ``skipped`` instead of 
 Softmax happens in the classifier, never in the networks.
 
 The predictions CSV has ``path,patient_id,magnification,label`` (``label`` empty when unknown),
-``subtype`` (subtype task), ``split,protocol`` (from a manifest), then ``p_malignant`` (binary
-task) or ``p_<class>`` per class, ``pred`` (class name) and, for ensembles,
-``member.<name>.p_<class>`` columns, ``disagreement`` and ``refer`` (0/1).
-"""
+``subtype`` (subtype task), ``split,protocol[,fold]`` (from a manifest), then ``p_malignant``
+(binary task) or ``p_<class>`` per class, ``pred`` (class name), for ensembles
+``member.<name>.p_<class>`` columns, ``disagreement`` and ``refer`` (0/1), and ``error`` when
+some output was NaN/inf (:func:`score_frame`)."""
 
 from __future__ import annotations
 
@@ -24,14 +24,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from histoclass.data.breakhis import label_from_folder, parse_name
+from histoclass.data.breakhis import describe_path
+from histoclass.data.files import refuse_output, walk
 from histoclass.data.images import IMAGE_SUFFIXES, ImageLoadError, load_rgb
-from histoclass.data.scan import data_files, refuse_output
 from histoclass.models.classifier import Classifier, Preparation, Scores, concat_scores
 
 log = logging.getLogger(__name__)
 INFO = ("path", "patient_id", "magnification", "label")
 EXECUTORS = ("thread", "process")
+NONFINITE = "non-finite model output (NaN or inf): no class assigned"
 
 
 class Predictions(NamedTuple):
@@ -147,41 +148,53 @@ def _probs(frame: pd.DataFrame, classes: Sequence[str], p: np.ndarray, prefix: s
     frame[cols] = p[:, 1:] if len(cols) == 1 else p
 
 
+def nonfinite(scores: Scores) -> np.ndarray:
+    """``[N]`` bool: rows whose probabilities, any member's or the disagreement are NaN/inf."""
+    bad = ~np.isfinite(scores.proba).all(axis=1) | ~np.isfinite(scores.disagreement)
+    if scores.members.size:
+        bad |= ~np.isfinite(scores.members).all(axis=(0, 2))
+    return bad
+
+
 def score_frame(clf: Classifier, scores: Scores, refer_threshold: float | None = None
                 ) -> pd.DataFrame:
     """The scored columns of the predictions CSV, one row per image: ``p_...``, ``pred`` and,
     for ensembles, ``member.<name>.p_...``, ``disagreement`` and ``refer`` (disagreement above
-    ``refer_threshold``, default the model's). Every table of predictions is built here."""
+    ``refer_threshold``, default the model's). Every table of predictions is built here.
+
+    A row with a non-finite output (:func:`nonfinite`) never gets a class: its probabilities and
+    ``pred`` are empty, ``refer`` is 1, and an ``error`` column (added last, only when some row
+    needs it; empty for the others) says why (:data:`NONFINITE`).
+    """
+    bad = nonfinite(scores)
     frame = pd.DataFrame(index=range(len(scores.proba)))
-    _probs(frame, clf.classes, scores.proba)
-    frame["pred"] = [clf.classes[i] for i in scores.pred.tolist()]
+    _probs(frame, clf.classes, np.where(bad[:, None], np.nan, scores.proba))
+    frame["pred"] = ["" if b else clf.classes[i] for i, b in zip(scores.pred.tolist(), bad,
+                                                                  strict=True)]
     if clf.is_ensemble:
         for m, name in enumerate(clf.member_names):
-            _probs(frame, clf.classes, scores.members[m], f"member.{name}.")
+            _probs(frame, clf.classes, np.where(bad[:, None], np.nan, scores.members[m]),
+                   f"member.{name}.")
         threshold = clf.refer_threshold if refer_threshold is None else refer_threshold
-        frame["disagreement"] = scores.disagreement.astype(float)
-        frame["refer"] = (frame["disagreement"] > threshold).astype(int)
+        frame["disagreement"] = np.where(bad, np.nan, scores.disagreement.astype(float))
+        frame["refer"] = ((frame["disagreement"] > threshold) | bad).astype(int)
+    if bad.any():
+        log.error("%d image(s) gave non-finite model outputs (NaN/inf): marked as errors, "
+                  "no class assigned", int(bad.sum()))
+        frame["error"] = np.where(bad, NONFINITE, "")
     return frame
 
 
 def describe(path: str | Path, root: Path | None = None) -> dict[str, str]:
-    """Patient, magnification, label and subtype from a BreakHis name or class folder."""
-    path = Path(path)
+    """Patient, magnification, label and subtype from a BreakHis name or class folder (empty
+    when unknown: predictions need no label)."""
     row = {"path": str(path), "patient_id": "", "magnification": "", "label": "", "subtype": ""}
     try:
-        parsed = parse_name(path.name)
+        found = describe_path(path, root) or {}
     except ValueError as exc:  # a contradictory name: predict it, but claim no label
         log.warning("%s", exc)
         return row
-    if parsed is not None:
-        return {**row, "patient_id": parsed.patient_id, "magnification": parsed.magnification,
-                "label": parsed.label, "subtype": parsed.subtype}
-    parts = path.relative_to(root).parts[:-1] if root is not None else path.parts[-2:-1]
-    for part in reversed(parts):
-        found = label_from_folder(part)
-        if found is not None:
-            return {**row, "label": found[0], "subtype": found[1]}
-    return row
+    return {**row, **{k: v for k, v in found.items() if k in row}}
 
 
 def expand_inputs(items: Sequence[str | Path]) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
@@ -193,9 +206,9 @@ def expand_inputs(items: Sequence[str | Path]) -> tuple[pd.DataFrame, list[tuple
         if item.is_dir() and refuse_output(item):
             skipped.append((str(item), refuse_output(item)))
         elif item.is_dir():
-            files, written = data_files(item)
-            skipped += written
-            if not files and not written:
+            files, odd = walk(item)  # follows symlinked folders; lists links, FIFOs, outputs
+            skipped += odd
+            if not files and not odd:
                 skipped.append((str(item), "empty folder"))
             for p in files:
                 if p.suffix.lower() in IMAGE_SUFFIXES:
@@ -234,7 +247,7 @@ def predict_paths(clf: Classifier, paths: Sequence[str | Path], *,
     out = run(clf, paths, tta=tta, batch_size=batch_size, workers=workers, executor=executor,
               progress=progress)
     keep = list(INFO) + (["subtype"] if clf.task == "subtype" else [])
-    keep += [c for c in ("split", "protocol") if c in info.columns]
+    keep += [c for c in ("split", "protocol", "fold") if c in info.columns]
     frame = info.iloc[out.index].reindex(columns=keep).fillna("").reset_index(drop=True)
     frame = pd.concat([frame, score_frame(clf, out.scores, refer_threshold)], axis=1)
     log.info("predicted %d image(s), skipped %d", len(frame), len(out.skipped))
@@ -249,18 +262,32 @@ def predict_manifest(clf: Classifier, manifest: str | Path, split: str = "test",
     frame = select(read_manifest(manifest), split, fold)
     if frame.empty:
         raise ValueError(f"{manifest}: no {split!r} rows" + (f" in fold {fold}" if fold else ""))
-    info = frame.copy()
+    info = frame.drop(columns=["fold"], errors="ignore")  # a row's test fold, not this fold
     if fold is not None:
         info["split"] = frame[f"split_fold{fold}"]
+        info["fold"] = str(fold)  # the evaluation names the fold it scores
     return predict_paths(clf, list(frame["path"]), info=info, **kwargs)
 
 
+def check_out(out: str | Path, inputs: Sequence[str | Path] = ()) -> Path:
+    """Refuse, before any work, a predictions ``out`` that cannot be written, that is one of
+    the ``inputs``, or that is named like a skip list (``*.skipped.csv``)."""
+    from histoclass.data.files import check_output
+
+    out = Path(out)
+    if out.name.endswith(".skipped.csv"):
+        raise ValueError(f"--out {out}: *.skipped.csv is where a run lists the inputs it left "
+                         "out; choose another name")
+    return check_output(out, "file", inputs=tuple(inputs))
+
+
 def write_predictions(pred: Predictions, out: str | Path) -> tuple[Path, Path]:
-    """Write the CSV and ``skipped.csv`` (``path,reason``) beside it; returns both paths."""
-    from histoclass.data.manifest import write_manifest
+    """Write the CSV and ``<out stem>.skipped.csv`` (``path,reason``) beside it; returns both
+    paths."""
+    from histoclass.data.manifest import skip_list_path, write_manifest
 
     out = Path(out)
     csv = write_manifest(pred.frame, out)
     skipped = write_manifest(pd.DataFrame(pred.skipped, columns=["path", "reason"]),
-                             out.with_name("skipped.csv"))
+                             skip_list_path(out))
     return csv, skipped

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure  # no pyplot: no global backend state, rend
 
 from histoclass.data.splits import LEAK_NOTE
 from histoclass.evaluate import Evaluation, metric_set, predicted, probabilities
-from histoclass.metrics import METRICS, reliability, top_label
+from histoclass.metrics import METRICS, PATIENT_METRICS, reliability, top_label
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,10 @@ def metrics_table(ev: Evaluation) -> str:
     rows = []
     for key in METRICS:
         ci = ev.metrics["ci95"].get(key)
-        row = [f"<b>{key}</b>", fmt(ev.metrics[key]),
+        value = fmt(ev.metrics[key])
+        if key in PATIENT_METRICS and ev.meta.get("patient_note"):
+            value = ev.meta["patient_note"]  # "n/a: no patient ids; pass --groups CSV"
+        row = [f"<b>{key}</b>", html.escape(value),
                "n/a" if ci is None else f"[{fmt(ci[0])}, {fmt(ci[1])}]"]
         if ev.folds:
             row.append(f"{fmt(ev.folds['mean'][key])} ± {fmt(ev.folds['std'][key])}")
@@ -184,17 +187,24 @@ def render(ev: Evaluation, limit: int = 24) -> str:
     parts = []
     if meta.get("leaks_patients"):
         parts.append(f'<p class="leak">WARNING: {html.escape(LEAK_NOTE)}</p>')
+    if meta.get("errors"):
+        parts.append(f'<p class="leak">{meta["errors"]} row(s) have no prediction (the model '
+                     "gave a non-finite output): not scored, see their error column</p>")
     files = ", ".join(html.escape(f) for f in meta["files"])
+    patients = meta.get("patient_note") or f"{meta['patients']} patients"
+    cis = meta.get("ci_note") or (f"{meta['bootstrap']} patient bootstrap replicates, seed "
+                                  f"{meta['seed']}")
+    e = html.escape  # every value from data (class names come from CSV headers) is escaped
     parts += [
         "<h1>histoclass evaluation</h1>",
-        f"<p>{task.kind} task ({', '.join(task.classes)}); {meta['images']} images, "
-        f"{meta['patients']} patients, split {html.escape(meta['split'])}; {decision}. "
-        f"CIs: {meta['bootstrap']} patient bootstrap replicates, seed {meta['seed']}. "
-        f"Files: {files}</p>",
+        f"<p>{e(task.kind)} task ({e(', '.join(task.classes))}); {meta['images']} images, "
+        f"{e(patients)}; source: {e(meta.get('source', 'split ' + meta['split']))}; "
+        f"{e(decision)}. Files: {files}</p>",
         f"<p>{NOTES[task.kind]} ECE: 15 equal-width bins of top-label confidence. Patient "
         "recognition rate: mean over patients of their share of images right; patient "
         "accuracy: one decision per patient from the mean probability.</p>",
         "<h2>Metrics</h2>", metrics_table(ev),
+        f'<p class="ci">95% CIs: {e(cis)}. {e(meta.get("ci_rule", ""))}.</p>',
         '<div class="figs">',
         confusion_figure(y, predicted(p, ev.threshold), task.classes),
         roc_figure(y, p, task.classes, f"ROC (AUC {fmt(pooled['roc_auc'])})"),

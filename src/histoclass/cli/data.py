@@ -14,7 +14,8 @@ def split(
         ..., help="Data folder, CSV with path,label[,group], or 'sample' / 'sample:ucsb' / "
         "'sample:breakhis' for the real H&E sample bundled with histoclass."
     ),
-    out: Path = typer.Option(..., "--out", help="Folder for manifest.csv (and skipped.csv)."),
+    out: Path = typer.Option(..., "--out", help="Folder for manifest.csv (and "
+                             "manifest.skipped.csv)."),
     protocol: Protocol = typer.Option(
         "patient", help="patient: patient-disjoint (default); paper: the study's image-level "
         "random split (patients leak); kfold: patient-grouped k folds."
@@ -34,17 +35,22 @@ def split(
     Folders histoclass wrote (explain outputs) are refused: their images are figures, not data.
     """
     from histoclass.data import make_split, resolve_data, scan, write_manifest
+    from histoclass.data.files import check_output
     from histoclass.data.manifest import split_table
     from histoclass.data.splits import LEAK_NOTE, split_columns
 
+    target = Path(out) / "manifest.csv"
     with user_errors():
+        check_output(target, inputs=(resolve_data(data),))  # before hours of decoding
         result = scan(resolve_data(data), groups=groups, workers=workers, progress=True)
         frame = make_split(result.frame, protocol, seed=seed, val=val, test=test, folds=folds,
                            magnifications=magnification or None)
-        path = write_manifest(frame, Path(out) / "manifest.csv")
-    skipped_csv = report_skipped(result.skipped, out)
+        path = write_manifest(frame, target)
+    skipped_csv = report_skipped(result.skipped, target)
     for group in result.duplicates:
         typer.secho(f"duplicate images: {', '.join(group)}", fg=typer.colors.YELLOW)
+    for line in result.grouping_warnings():  # loud: leakage cannot be prevented for these
+        typer.secho(f"WARNING: {line}", fg=typer.colors.RED, err=True)
     for col in split_columns(frame):
         title = "" if col == "split" else f"{col.removeprefix('split_')}: "
         typer.echo(f"{title}\n{split_table(frame, col).to_string(index=False)}")
@@ -54,17 +60,33 @@ def split(
     report_written([path] + ([skipped_csv] if skipped_csv else []))
 
 
-def audit(manifest: Path = typer.Argument(..., help="Manifest CSV to check.")) -> None:
-    """Exit 1 naming patients and duplicate images that cross splits (0 when clean)."""
+def audit(
+    manifest: Path = typer.Argument(..., help="Manifest CSV to check."),
+    allow_ungrouped: bool = typer.Option(
+        False, "--allow-ungrouped", help="Exit 0 although some images have no patient id "
+        "(each its own group: their leakage cannot be checked)."),
+) -> None:
+    """Exit 1 naming patients and duplicate images (same bytes or same pixels) that cross
+    splits, or images without patient ids (unless --allow-ungrouped); 0 when clean."""
     from histoclass.data import audit as run_audit
     from histoclass.data import read_manifest
 
     with user_errors():
         report = run_audit(read_manifest(manifest))
+    if not report.pixels_checked:
+        typer.secho("note: this manifest has no pixel_sha256 column (written before pixel "
+                    "hashes): re-saved copies of one image were not checked; re-run histoclass "
+                    "split to check them", fg=typer.colors.YELLOW)
+    ungrouped = (f"no patient ids for {report.ungrouped} of {report.n_images} images: leakage "
+                 "cannot be checked; pass --groups CSV to histoclass split")
+    if report.clean and report.ungrouped and not allow_ungrouped:
+        typer.secho(f"{ungrouped} (or --allow-ungrouped)", fg=typer.colors.RED)
+        raise typer.Exit(1)
     if report.clean:
         typer.echo(
             f"clean: {report.n_images} images, {report.n_patients} patients, no patient or "
             f"duplicate image crosses splits ({', '.join(report.columns)})"
+            + (f"; WARNING: {ungrouped}" if report.ungrouped else "")
         )
         return
     for col in report.columns:
@@ -72,13 +94,18 @@ def audit(manifest: Path = typer.Argument(..., help="Manifest CSV to check.")) -
             pats = report.leaking_patients[col]
             typer.secho(f"{col}: {len(pats)} patient(s) in several splits: {', '.join(pats)}",
                         fg=typer.colors.RED)
-        if report.leaking_duplicates.get(col):
-            frame = read_manifest(manifest)
-            for sha in report.leaking_duplicates[col]:
-                rows = frame[frame["sha256"] == sha]
+        for key, found in (("sha256", report.leaking_duplicates),
+                           ("pixel_sha256", report.leaking_pixel_duplicates)):
+            frame = read_manifest(manifest) if found.get(col) else None
+            for sha in found.get(col, []):
+                rows = frame[frame[key] == sha]
                 pairs = zip(rows["path"], rows[col], strict=True)
                 where = ", ".join(f"{p} ({s})" for p, s in pairs)
-                typer.secho(f"{col}: duplicate image across splits: {where}", fg=typer.colors.RED)
+                what = "same bytes" if key == "sha256" else "same pixels"
+                typer.secho(f"{col}: duplicate image ({what}) across splits: {where}",
+                            fg=typer.colors.RED)
+    if report.ungrouped:
+        typer.secho(ungrouped, fg=typer.colors.RED)
     raise typer.Exit(1)
 
 

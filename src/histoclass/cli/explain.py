@@ -132,6 +132,10 @@ def explain(
         fail(f"unknown method(s) {sorted(set(chosen) - set(choices_of(CamMethod)))}; choose "
              f"from {', '.join(choices_of(CamMethod))}")
     with user_errors(ImageLoadError, CheckpointError):
+        if out is not None and not score:
+            from histoclass.data.files import check_output
+
+            check_output(out, "folder")  # before any model is loaded or CAM computed
         models, images = _split_inputs(inputs)
         ens = _model(models, ensemble_weights)
         items, skipped = _items(images, manifest, split, ens.classes)

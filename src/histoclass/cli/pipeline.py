@@ -28,14 +28,17 @@ def run(
     config: Path = typer.Argument(..., help="YAML run description (see configs/)."),
     data: str = typer.Option(None, help="Override the config's data folder/CSV."),
     out: str = typer.Option(None, help="Override the config's output folder."),
+    force: bool = typer.Option(False, "--force", help="The output folder holds a run with "
+                               "other settings: remove its outputs and start afresh."),
 ) -> None:
-    """Split, train members, fit ensembles, predict and evaluate; resumes what is done."""
+    """Split, train members, fit ensembles, predict and evaluate; resumes what is done (only
+    a run with the same settings)."""
     from histoclass.pipeline import RunConfig
     from histoclass.pipeline import run as run_pipeline
 
     with user_errors():
         cfg = RunConfig.from_yaml(config, data=data, out=out)
-        summary = run_pipeline(cfg)
+        summary = run_pipeline(cfg, force=force)
     _finish(cfg, summary)
 
 
@@ -49,6 +52,8 @@ def demo(
         help="ImageNet weights from the Hugging Face hub (needs internet once)."),
     weights_dir: Path = typer.Option(
         None, help="Offline: folder of <member>.pth ImageNet weights files."),
+    force: bool = typer.Option(False, "--force", help="OUT holds a demo run with other "
+                               "settings: remove its outputs and start afresh."),
 ) -> None:
     """Run a small version of the whole pipeline on the real H&E sample shipped with histoclass.
 
@@ -72,7 +77,9 @@ def demo(
         evaluate={"bootstrap": 200},
     )
     with user_errors():
-        summary = run_pipeline(cfg)
+        summary = run_pipeline(cfg, force=force, offline_hint=(
+            "offline, run histoclass demo --no-pretrained (train from scratch) or --weights-dir "
+            "DIR (DIR/<member>.pth ImageNet weights)"))
     _finish(cfg, summary)
 
 

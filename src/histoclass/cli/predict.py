@@ -27,8 +27,8 @@ def predict(
     manifest: Path = typer.Option(None, help="Split manifest to predict one split of."),
     split: Split = typer.Option("test", help="Split of --manifest."),
     fold: int = typer.Option(None, help="Fold of a k-fold manifest."),
-    out: Path = typer.Option(..., "--out", help="Predictions CSV (the list of skipped inputs, "
-                             "if any, goes beside it)."),
+    out: Path = typer.Option(..., "--out", help="Predictions CSV (<name>.skipped.csv goes "
+                             "beside it)."),
     tta: bool = typer.Option(False, "--tta", help="Average the 8 flips/90-degree rotations."),
     batch_size: int = typer.Option(16, help="Images per forward pass."),
     workers: int = typer.Option(2, help="Decoding threads (overlapped with inference)."),
@@ -41,11 +41,18 @@ def predict(
     """Predict images, folders or a manifest split with a checkpoint or an ensemble."""
     from histoclass.api import open_classifier
     from histoclass.models import CheckpointError
-    from histoclass.predict import expand_inputs, predict_manifest, predict_paths, write_predictions
+    from histoclass.predict import (
+        check_out,
+        expand_inputs,
+        predict_manifest,
+        predict_paths,
+        write_predictions,
+    )
 
     with user_errors(CheckpointError):
         if (manifest is None) == (not inputs):
             raise ValueError("give either --manifest or image files/folders, not both or neither")
+        check_out(out, [model, manifest, *(inputs or [])])  # before any image is decoded
         clf = open_classifier(model, backend, device)
         kw = {"tta": tta, "batch_size": batch_size, "workers": workers,
               "refer_threshold": refer_threshold, "progress": True}
@@ -63,12 +70,18 @@ def predict(
             typer.echo(f"  {p}: {reason}")
     frame = pred.frame
     written = [p for p in (csv, skipped_csv) if p is not None and Path(p).is_file()]
-    if frame.empty:
+    failed = int((frame["pred"] == "").sum()) if len(frame) else 0
+    if failed:  # non-finite outputs: listed in the CSV's error column, never given a class
+        typer.secho(f"error: {failed} image(s) gave a non-finite model output (NaN/inf): no "
+                    f"class assigned, see the error column of {csv}", fg=typer.colors.RED,
+                    err=True)
+    if frame.empty or failed == len(frame):
         report_written(written)
         fail("no input could be predicted", EXIT_FAILED)
-    counts = ", ".join(f"{k} {v}" for k, v in frame["pred"].value_counts().sort_index().items())
+    counts = ", ".join(f"{k} {v}" for k, v in frame["pred"].value_counts().sort_index().items()
+                       if k != "")
     extra = f"; refer {int(frame['refer'].sum())}" if "refer" in frame else ""
-    typer.echo(f"{len(frame)} image(s) predicted ({counts or 'none'}{extra})")
+    typer.echo(f"{len(frame) - failed} image(s) predicted ({counts or 'none'}{extra})")
     report_written(written)
 
 
@@ -92,6 +105,7 @@ def ensemble(
     device: str = device_option(),
 ) -> None:
     """Combine member checkpoints into an ensemble file, fitted on validation only."""
+    from histoclass.data.files import check_output
     from histoclass.models import CheckpointError
     from histoclass.train import fit_ensemble, preset_members
 
@@ -99,6 +113,7 @@ def ensemble(
         if preset and members:
             raise ValueError("give member checkpoints or --preset, not both")
         paths = preset_members(preset, runs) if preset else list(members or [])
+        check_output(out, inputs=(*paths, manifest))  # before members are loaded and fitted
         ens = fit_ensemble(paths, method, manifest, fold=fold, refer_threshold=refer_threshold,
                            seed=seed, batch_size=batch_size, workers=workers, device=device)
         path = ens.save(out)

@@ -21,9 +21,11 @@ def export(
                                "sample and print the largest probability difference."),
 ) -> None:
     """Export MODEL to ONNX with its preprocessing, classes and stain embedded."""
+    from histoclass.data.files import check_output
     from histoclass.deploy.export import export_onnx, parity
 
     with user_errors(RuntimeError):
+        check_output(out, inputs=(model,))  # before the export runs
         cal = None
         if calibration is not None:
             from histoclass.data.images import IMAGE_SUFFIXES

@@ -20,7 +20,7 @@ def stain(
         "stain_target.json."
     ),
     out: Path = typer.Option(..., "--out", help="Folder for the copies, manifest.csv, "
-                             "stain_target.json (and skipped.csv)."),
+                             "stain_target.json (and manifest.skipped.csv)."),
     workers: int = typer.Option(2, help="Processes normalizing images."),
 ) -> None:
     """Normalize every image of DATA toward the target's stain colours into OUT.
@@ -32,10 +32,12 @@ def stain(
 
     from histoclass import stain as st
     from histoclass.data import ImageLoadError, ScanError, load_rgb
+    from histoclass.data.files import check_output
     from histoclass.data.images import to_array
     from histoclass.stain.batch import normalize_dataset
 
     with user_errors(ImageLoadError, ScanError):
+        check_output(out, "folder")  # before any image is normalised
         if len(target) == 1 and target[0].suffix.lower() == ".json":
             normalizer = st.load(target[0])
             if normalizer.method != method.lower():
@@ -48,7 +50,7 @@ def stain(
                 names = ", ".join(map(str, target))
                 raise ValueError(f"{exc} (targets, from 0: {names})") from None
         result = normalize_dataset(data, normalizer, out, workers=workers, progress=True)
-    skipped_csv = report_skipped(result.skipped, out)
+        skipped_csv = report_skipped(result.skipped, result.manifest)
     if result.unchanged:
         typer.secho(f"passed through unchanged: {len(result.unchanged)} file(s):",
                     fg=typer.colors.YELLOW)

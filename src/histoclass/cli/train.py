@@ -89,7 +89,9 @@ def train(
                                 "min(4, CPUs)."),
     cache_dir: str = typer.Option("", help="Decoded-image cache; default <out>/cache, 'off' for "
                                   "none."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt (every "
+                                "result-affecting setting and the manifest's content must "
+                                "match; --epochs, --patience, --device, --workers may change)."),
 ) -> None:
     """Fine-tune one member on MANIFEST's train split, selecting on its val split.
 

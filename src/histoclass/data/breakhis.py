@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 LABELS: tuple[str, ...] = ("benign", "malignant")
 
@@ -41,6 +42,19 @@ _NAME = re.compile(
     re.IGNORECASE,
 )
 
+# A BreakHis slide id inside another name: the crops, tiles and re-exports people publish
+# (``SOB_B_A_14-22549AB_0.png``, ``SOB_M_DC-14-2523-40-010_crop3.png``, ``SOB_M_DC_14-12312_2``).
+# The slide id must end the name, or be followed by ``_``/``.``/a space/``(``, or by a full
+# ``-<mag>-<seq>``: ``SOB_B_A-14-22549AB-50-001`` (no such magnification) stays unparsed.
+_DERIVED = re.compile(
+    r"(?:^|(?<=[^A-Za-z0-9]))(?P<procedure>[A-Z]+)_(?P<cls>[BM])_"
+    r"(?P<code>A|F|PT|TA|DC|LC|MC|PC)[-_](?P<year>\d{2})-(?P<slide>(?P<stem>\d+)[A-Z]*)"
+    r"(?:-(?P<mag>40|100|200|400)-(?P<seq>\d+)(?=$|[^0-9])|(?=$|[_.\s(]))",
+    re.IGNORECASE,
+)
+# Names that look like BreakHis files: when some of these do not parse, a split warns.
+LOOKS_BREAKHIS = re.compile(r"(?:^|[^A-Za-z0-9])SOB_", re.IGNORECASE)
+
 
 @dataclass(frozen=True)
 class BreakHisName:
@@ -53,8 +67,9 @@ class BreakHisName:
     year: str
     slide_id: str
     patient_id: str
-    magnification: str
-    sequence: int
+    magnification: str  # "" when a derived name does not carry it
+    sequence: int  # 0 when a derived name does not carry it
+    derived: bool = False  # parsed from a crop/tile/re-export name, not an original file name
 
 
 def parse_name(name: str) -> BreakHisName | None:
@@ -63,8 +78,12 @@ def parse_name(name: str) -> BreakHisName | None:
     Args:
         name: File name or path, e.g. ``SOB_B_A-14-22549AB-40-001.png``.
 
+    A name that is not a BreakHis file name but holds a BreakHis slide id (a crop or tile such
+    as ``SOB_M_DC-14-2523-40-010_crop3.png`` or ``SOB_B_A_14-22549AB_0.png``) gives the same
+    class, subtype and patient, with ``derived=True`` (magnification ``""`` if absent).
+
     Returns:
-        The parsed fields, or ``None`` when the name is not a BreakHis name.
+        The parsed fields, or ``None`` when the name holds no BreakHis slide id.
 
     Raises:
         ValueError: The class letter contradicts the subtype (``SOB_B_DC-...``): such a file is
@@ -73,6 +92,9 @@ def parse_name(name: str) -> BreakHisName | None:
     stem = name.replace("\\", "/").rsplit("/", 1)[-1]
     stem = stem.rsplit(".", 1)[0] if "." in stem else stem
     m = _NAME.match(stem)
+    derived = m is None
+    if m is None:
+        m = _DERIVED.search(stem)
     if m is None:
         return None
     code = m["code"].upper()
@@ -91,8 +113,9 @@ def parse_name(name: str) -> BreakHisName | None:
         year=m["year"],
         slide_id=m["slide"].upper(),
         patient_id=f"{m['year']}-{m['stem']}",
-        magnification=f"{m['mag']}X",
-        sequence=int(m["seq"]),
+        magnification=f"{m['mag']}X" if m["mag"] else "",
+        sequence=int(m["seq"]) if m["seq"] else 0,
+        derived=derived,
     )
 
 
@@ -111,4 +134,26 @@ def label_from_folder(part: str) -> tuple[str, str] | None:
     if code in SUBTYPE_CODES:
         subtype = SUBTYPE_CODES[code]
         return SUBTYPE_LABEL[subtype], subtype
+    return None
+
+
+def describe_path(path: str | Path, root: str | Path | None = None) -> dict[str, str] | None:
+    """What an image's location says about it: ``label``, ``subtype`` and, from a BreakHis
+    name, ``patient_id``, ``slide_id`` and ``magnification``; else the class folders between
+    ``root`` and the file (without ``root``: its parent folder); ``None`` when neither says.
+
+    Raises:
+        ValueError: A BreakHis name whose class letter contradicts its subtype.
+    """
+    path = Path(path)
+    parsed = parse_name(path.name)
+    if parsed is not None:
+        return {"label": parsed.label, "subtype": parsed.subtype,
+                "patient_id": parsed.patient_id, "slide_id": parsed.slide_id,
+                "magnification": parsed.magnification}
+    parts = path.relative_to(root).parts[:-1] if root is not None else path.parts[-2:-1]
+    for part in reversed(parts):
+        found = label_from_folder(part)
+        if found is not None:
+            return {"label": found[0], "subtype": found[1]}
     return None

@@ -9,8 +9,8 @@ and later epochs read it back with ``np.load``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,9 +20,11 @@ import torch
 from torch.utils.data import Dataset
 
 from histoclass.data.breakhis import LABELS
+from histoclass.data.files import atomic_write, remove_stale_temps
 from histoclass.data.images import load_rgb
 from histoclass.data.transforms import Augment, Preprocess
 
+log = logging.getLogger(__name__)
 # A stain normaliser or any other whole-image step applied before resizing.
 PreFn = Callable[[np.ndarray], np.ndarray]
 
@@ -37,6 +39,8 @@ class DecodedCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.root, recursive=True)  # left by killed runs
+        self.write_failed = False
 
     def _file(self, path: str, pre: Preprocess, pre_key: str) -> Path:
         st = os.stat(path)
@@ -55,11 +59,12 @@ class DecodedCache:
             except (OSError, ValueError):
                 pass  # a torn write from a killed run: recompute below
         arr = make()
-        file.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
-        os.replace(tmp, file)  # atomic: concurrent DataLoader workers never see half a file
+        try:  # atomic: concurrent DataLoader workers never see half a file
+            atomic_write(file, lambda fh: np.save(fh, arr))
+        except OSError as exc:  # the cache only saves time: a full disk must not stop a run
+            if not self.write_failed:
+                log.warning("decode cache not written (%s); decoding every time instead", exc)
+            self.write_failed = True
         return arr
 
 

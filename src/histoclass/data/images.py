@@ -37,6 +37,27 @@ class ImageInfo:
     height: int
     mode: str
     sha256: str
+    pixel_sha256: str = ""  # of the decoded RGB pixels and their shape: re-saved copies match
+
+
+def pixel_hash(rgb: Image.Image) -> str:
+    """sha256 of an RGB image's decoded pixels and its size: equal for the same picture saved
+    as other bytes (another PNG compression level, a lossless format, other metadata)."""
+    arr = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    return hashlib.sha256(f"{arr.shape}".encode() + arr.tobytes()).hexdigest()
+
+
+def _float_scale(arr: np.ndarray) -> float:
+    """The full-scale value of a float image: 1 (values in [0, 1]), 255 or 65535."""
+    if not np.isfinite(arr).all():
+        raise ValueError("float image with NaN or infinite pixels")
+    lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+    if lo < 0:
+        raise ValueError(f"float image with negative values (min {lo:g}): unknown intensity range")
+    for scale in (1.0, 255.0, 65535.0):
+        if hi <= scale:
+            return scale
+    raise ValueError(f"float image with values up to {hi:g}: unknown intensity range")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -46,6 +67,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if img.mode == "F":  # scientific TIFFs hold 0-1 floats: scaling by 255 would be black
+            hi = _float_scale(arr)
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -71,6 +94,11 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
                     path, f"image too large: {w}x{h} = {w * h} pixels > limit {max_pixels}"
                 )
             img.load()  # decode now: a truncated file fails here, not in a worker later
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                raise ImageLoadError(path, f"multi-frame image ({frames} frames: an animation "
+                                           "or a multi-page file); only single images are read, "
+                                           "save the frame you mean as its own file")
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
@@ -86,6 +114,16 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(path, f"corrupt or truncated image ({exc})") from None
     return img
+
+
+def sniff(path: str | Path) -> str | None:
+    """The image format a file's first bytes announce (``PNG``, ``JPEG``, ...), or ``None``."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError:
+        return None
+    return next((k for magic, k in _MAGIC if head.startswith(magic)), None)
 
 
 def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -107,7 +145,7 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
 
 
 def inspect_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Fully decode an image (to prove it is readable) and hash its bytes.
+    """Fully decode an image (to prove it is readable) and hash its bytes and its pixels.
 
     Raises:
         ImageLoadError: The file is missing, empty, not an image, corrupt, truncated or too large.
@@ -116,11 +154,11 @@ def inspect_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
     img = _open(path, max_pixels)
     mode = img.mode
     try:
-        _to_rgb(img)
+        rgb = _to_rgb(img)
     except (OSError, ValueError) as exc:
         raise ImageLoadError(path, f"cannot convert mode {mode!r} to RGB ({exc})") from None
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return ImageInfo(img.width, img.height, mode, digest)
+    return ImageInfo(img.width, img.height, mode, digest, pixel_hash(rgb))
 
 
 def to_array(img: Image.Image) -> np.ndarray:

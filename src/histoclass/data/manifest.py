@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
 import pandas as pd
+
+from histoclass.data.files import atomic_write, read_csv
+from histoclass.data.splits import check_split_values
 
 REQUIRED = ("path", "label", "patient_id", "split")
 SAMPLES = ("breakhis", "ucsb")
@@ -37,22 +39,26 @@ def resolve_data(data: str | Path) -> Path:
 
 
 def write_manifest(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write a manifest atomically; identical frames give identical bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as fh:
-        frame.to_csv(fh, index=False, lineterminator="\n")
-    os.replace(tmp, path)
-    return path
+    """Write a manifest (or any CSV table) atomically; identical frames give identical bytes.
+
+    Raises:
+        OSError: ``path`` cannot be written (the message names it; nothing is left behind).
+    """
+    return atomic_write(path, lambda fh: frame.to_csv(fh, index=False, lineterminator="\n"),
+                        binary=False)
+
+
+def skip_list_path(out: str | Path) -> Path:
+    """Where the inputs left out of the file ``out`` are listed: ``<out stem>.skipped.csv``
+    beside it (named after the output, so two runs into one folder never share one)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.skipped.csv")
 
 
 def read_table(path: Path, required: Sequence[str], file: str, kind: str) -> pd.DataFrame:
     """A CSV as strings (empty cells stay ""), with the ``required`` columns; errors call it
     a ``file`` when it is absent and say it is not a ``kind`` when columns are missing."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{file} {path} does not exist")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = read_csv(path, file)
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: not a {kind}, missing column(s) {missing}")
@@ -63,6 +69,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read a manifest; relative image paths are taken relative to the manifest's folder."""
     path = Path(path)
     frame = read_table(path, REQUIRED, "manifest", "manifest")
+    check_split_values(frame, str(path))
     base = path.resolve().parent
     frame["path"] = [p if os.path.isabs(p) else str(base / p) for p in frame["path"]]
     return frame

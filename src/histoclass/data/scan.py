@@ -12,8 +12,9 @@ Accepted inputs:
 
 BreakHis names win over folders: the name carries subtype, patient and magnification.
 
-Folders histoclass wrote (``explain`` figures and overlays) hold :data:`OUTPUT_MARKER`: a scan
-refuses such a folder and leaves such sub-folders out (reported), so figures never become data.
+Folders histoclass wrote (``explain`` figures and overlays) hold the output marker
+(:func:`histoclass.data.files.mark_output`): a scan refuses such a folder and leaves such
+sub-folders out (reported), so figures never become data.
 """
 
 from __future__ import annotations
@@ -27,22 +28,39 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from histoclass.data.breakhis import LABELS, SUBTYPE_LABEL, label_from_folder, parse_name
-from histoclass.data.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageLoadError, inspect_image
+from histoclass.data.breakhis import (
+    LABELS,
+    LOOKS_BREAKHIS,
+    SUBTYPE_LABEL,
+    describe_path,
+    parse_name,
+)
+from histoclass.data.files import (  # noqa: F401 - the output marker is re-exported
+    OUTPUT_MARKER,
+    mark_output,
+    read_csv,
+    refuse_output,
+    walk,
+)
+from histoclass.data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    ImageLoadError,
+    inspect_image,
+    sniff,
+)
+from histoclass.data.labelled_csv import ScanError, rows_from_csv
+from histoclass.data.splits import duplicate_groups
 
 log = logging.getLogger(__name__)
 
 COLUMNS = [
     "path", "label", "subtype", "patient_id", "slide_id", "magnification",
-    "sha256", "width", "height",
+    "sha256", "pixel_sha256", "width", "height", "group_source",
 ]
-
-
-OUTPUT_MARKER = ".histoclass-output"
-
-
-class ScanError(ValueError):
-    """The input holds no usable image at all, or is not a folder or CSV."""
+# Where a row's patient_id came from: a BreakHis name, a groups CSV, the input CSV's
+# patient_id/group column, or nowhere (``none``: the image is its own group).
+GROUP_SOURCES = ("name", "groups", "csv", "none")
 
 
 @dataclass
@@ -51,7 +69,8 @@ class ScanResult:
 
     frame: pd.DataFrame
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    duplicates: list[list[str]] = field(default_factory=list)  # paths sharing one sha256
+    duplicates: list[list[str]] = field(default_factory=list)  # same bytes or same pixels
+    unparsed_breakhis: list[str] = field(default_factory=list)  # SOB_ names with no slide id
 
     def summary(self) -> str:
         """One line: images kept, skipped and duplicated."""
@@ -61,50 +80,36 @@ class ScanResult:
             f"{n_dup} in {len(self.duplicates)} duplicate groups"
         )
 
+    @property
+    def ungrouped(self) -> int:
+        """Images with no patient id (each its own group: leakage cannot be ruled out)."""
+        return int((self.frame["group_source"] == "none").sum()) if len(self.frame) else 0
 
-def mark_output(folder: str | Path, command: str) -> Path:
-    """Mark ``folder`` as written by ``histoclass <command>``: scans will not take it for data."""
-    from histoclass._version import __version__
+    def grouping_warnings(self) -> list[str]:
+        """Loud lines for a split: images without patient ids, unparsed BreakHis-like names."""
+        out, n = [], len(self.frame)
+        if self.unparsed_breakhis:
+            out.append(
+                f"{len(self.unparsed_breakhis)} BreakHis-like file name(s) (SOB_...) hold no "
+                f"recognisable slide id (e.g. {self.unparsed_breakhis[0]}): each is its own "
+                "group, so one patient's images can land in several splits; rename them or "
+                "pass --groups CSV (path,group)")
+        if self.ungrouped:
+            some = "any" if self.ungrouped == n else f"{self.ungrouped}"
+            out.append(
+                f"no patient ids for {some} of the {n} images (no BreakHis name, no groups "
+                "CSV): each is its own group, so leakage between splits cannot be prevented or "
+                "checked; pass --groups CSV (path,group)")
+        return out
 
-    path = Path(folder) / OUTPUT_MARKER
-    path.write_text(f"written by histoclass {command} {__version__}: outputs, not data; "
-                    "histoclass refuses to scan this folder for images\n", encoding="utf-8")
-    return path
 
-
-def output_root(path: str | Path) -> Path | None:
-    """The folder at or above ``path`` that histoclass wrote (holds the marker), if any."""
-    path = Path(path).resolve()
-    for folder in (path, *path.parents):
-        if (folder / OUTPUT_MARKER).is_file():
-            return folder
-    return None
-
-
-def refuse_output(path: str | Path) -> str | None:
-    """Why ``path`` is not data (it lies in a folder histoclass wrote), else ``None``."""
-    root = output_root(path)
+def _describe(path: Path, root: Path | None) -> dict[str, str]:
+    # A CSV row (no root) gains only what a BreakHis name says, never a folder's label.
+    found = describe_path(path, root) if root is not None or parse_name(path.name) else None
+    if found is not None:
+        return found
     if root is None:
-        return None
-    return (f"{root} was written by histoclass (it holds {OUTPUT_MARKER}): its images are "
-            "figures, not data; give the folder of the original images")
-
-
-def data_files(root: str | Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Every file under ``root`` (sorted) except those in sub-folders histoclass wrote, and
-    those sub-folders as ``(folder, reason)``."""
-    root = Path(root)
-    written = sorted(m.parent for m in root.rglob(OUTPUT_MARKER) if m.is_file())
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER
-                   and not any(w in p.parents for w in written))
-    return files, [(str(w), refuse_output(w) or "") for w in written]
-
-
-def _from_folder(path: Path, root: Path) -> dict[str, str]:
-    for part in reversed(path.relative_to(root).parts[:-1]):
-        found = label_from_folder(part)
-        if found is not None:
-            return {"label": found[0], "subtype": found[1]}
+        raise ImageLoadError(path, "no label given")
     raise ImageLoadError(
         path,
         "unknown file name: not a BreakHis name (e.g. SOB_B_A-14-22549AB-40-001.png) and no "
@@ -112,21 +117,16 @@ def _from_folder(path: Path, root: Path) -> dict[str, str]:
     )
 
 
-def _describe(path: Path, root: Path | None) -> dict[str, str]:
-    parsed = parse_name(path.name)
-    if parsed is not None:
-        return {
-            "label": parsed.label, "subtype": parsed.subtype, "patient_id": parsed.patient_id,
-            "slide_id": parsed.slide_id, "magnification": parsed.magnification,
-        }
-    if root is None:
-        raise ImageLoadError(path, "no label given")
-    return _from_folder(path, root)
-
-
 def _rows_from_dir(root: Path, groups: dict[str, str]) -> tuple[list[dict], list[tuple]]:
-    files, bad = data_files(root)
-    files = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    found, bad = walk(root)  # follows symlinked folders: a linked class folder is data too
+    files = []
+    for p in found:
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(p)
+        elif (kind := sniff(p)) is not None:  # an image by content (GIF, a TIFF slide, no
+            # suffix): not read, and said so; other files (README, checksums) are not data
+            bad.append((str(p), f"{kind} image with suffix {p.suffix or 'none'!r}: not read "
+                                f"(supported: {', '.join(sorted(IMAGE_SUFFIXES))})"))
     rows = []
     for p in files:
         try:
@@ -135,42 +135,20 @@ def _rows_from_dir(root: Path, groups: dict[str, str]) -> tuple[list[dict], list
             bad.append((str(p), str(exc).removeprefix(f"{p}: ")))
             continue
         rel = p.relative_to(root).as_posix()
-        if "patient_id" not in row:
+        if "patient_id" in row:
+            row["group_source"] = "name"
+        elif rel in groups:
+            row["patient_id"], row["group_source"] = groups[rel], "groups"
+        else:
             # Without a patient key each image is its own group: honest but pessimistic.
-            row["patient_id"] = groups.get(rel, rel.rsplit(".", 1)[0])
-        rows.append(row)
-    return rows, bad
-
-
-def _rows_from_csv(csv: Path) -> tuple[list[dict], list[tuple]]:
-    table = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    missing = {"path", "label"} - set(table.columns)
-    if missing:
-        raise ScanError(f"{csv}: missing column(s) {sorted(missing)}; need at least path,label")
-    rows, bad = [], []
-    for rec in table.to_dict("records"):
-        p = Path(rec["path"])
-        p = p if p.is_absolute() else (csv.parent / p)
-        label = rec["label"].strip().lower()
-        if label not in LABELS:
-            bad.append((str(p), f"label {rec['label']!r} is not one of {list(LABELS)}"))
-            continue
-        parsed = parse_name(p.name)
-        row = {
-            "path": str(p.resolve()), "label": label,
-            "subtype": rec.get("subtype") or (parsed.subtype if parsed else ""),
-            "patient_id": rec.get("patient_id") or rec.get("group")
-            or (parsed.patient_id if parsed else p.stem),
-            "slide_id": rec.get("slide_id") or (parsed.slide_id if parsed else ""),
-            "magnification": rec.get("magnification") or (parsed.magnification if parsed else ""),
-        }
+            row["patient_id"], row["group_source"] = rel.rsplit(".", 1)[0], "none"
         rows.append(row)
     return rows, bad
 
 
 def _read_groups(path: Path, base: Path, root: Path) -> dict[str, str]:
     """``path,group`` rows (paths relative to ``base``) keyed by path relative to ``root``."""
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table = read_csv(path, "groups CSV")
     if not {"path", "group"} <= set(table.columns):
         raise ScanError(f"{path}: a groups CSV needs columns path,group; has {list(table.columns)}")
     return {
@@ -204,7 +182,7 @@ def scan(
     if data.is_dir() and refuse_output(data):
         raise ScanError(refuse_output(data))
     if data.is_file() and data.suffix.lower() == ".csv":
-        rows, bad = _rows_from_csv(data)
+        rows, bad = rows_from_csv(data)
     elif data.is_dir():
         known: dict[str, str] = {}
         for gfile in sorted(data.rglob("groups.csv")):
@@ -216,17 +194,18 @@ def scan(
         raise ScanError(f"{data}: no such file or folder")
     else:
         raise ScanError(f"{data}: expected a folder of images or a CSV with path,label columns")
-    if not rows and not bad:
+    if not rows:
         raise ScanError(
             f"{data}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
+            + (f"; left out {len(bad)}, e.g. {bad[0][0]}: {bad[0][1]}" if bad else ""))
 
     def check(row: dict) -> dict | tuple[str, str]:
         try:
             info = inspect_image(row["path"], max_pixels)
         except ImageLoadError as exc:
             return (row["path"], exc.reason)
-        return {**row, "sha256": info.sha256, "width": info.width, "height": info.height}
+        return {**row, "sha256": info.sha256, "pixel_sha256": info.pixel_sha256,
+                "width": info.width, "height": info.height}
 
     kept: list[dict] = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -238,12 +217,13 @@ def scan(
     for path, reason in bad:
         log.warning("skipped %s: %s", path, reason)
     if not kept:
-        raise ScanError(f"{data}: none of the {len(bad)} image file(s) could be read")
+        raise ScanError(f"{data}: none of the {len(rows)} image file(s) could be read")
 
     frame = pd.DataFrame([{c: row.get(c, "") for c in COLUMNS} for row in kept])
     frame = frame.sort_values("path", kind="stable").reset_index(drop=True)
-    dup = frame[frame.duplicated("sha256", keep=False)]
-    duplicates = [sorted(g["path"]) for _, g in dup.groupby("sha256", sort=True)]
+    duplicates = duplicate_groups(frame)
     for group in duplicates:
-        log.warning("duplicate images (same content): %s", ", ".join(group))
-    return ScanResult(frame, bad, duplicates)
+        log.warning("duplicate images (same bytes or same pixels): %s", ", ".join(group))
+    looks = frame["path"].map(lambda p: bool(LOOKS_BREAKHIS.search(Path(p).name)))
+    unparsed = frame.loc[looks & (frame["group_source"] == "none"), "path"].tolist()
+    return ScanResult(frame, bad, duplicates, unparsed)

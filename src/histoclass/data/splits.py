@@ -15,7 +15,7 @@ never sit on both sides of a patient-disjoint split.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -27,9 +27,16 @@ PROTOCOLS = ("patient", "paper", "kfold")
 LEAK_NOTE = "protocol=paper: images are split at random, so patients leak between splits"
 
 
-def link_groups(frame: pd.DataFrame) -> pd.Series:
-    """Patient ids merged where two patients share an identical image (union-find)."""
-    parent: dict[str, str] = {p: p for p in frame["patient_id"]}
+# Two images are duplicates when their bytes or their decoded pixels are equal (a re-saved copy
+# has other bytes); manifests written before pixel hashes have no pixel_sha256 column.
+HASHES = ("sha256", "pixel_sha256")
+SPLITS = ("train", "val", "test")
+
+
+def _linked(values: pd.Series, frame: pd.DataFrame) -> pd.Series:
+    """Each value mapped to one representative, values of rows sharing a hash merged
+    (union-find)."""
+    parent: dict[str, str] = {v: v for v in values}
 
     def find(x: str) -> str:
         while parent[x] != x:
@@ -37,13 +44,48 @@ def link_groups(frame: pd.DataFrame) -> pd.Series:
             x = parent[x]
         return x
 
-    for _, pats in frame.groupby("sha256")["patient_id"]:
-        first, *rest = sorted(set(pats))
-        for other in rest:
-            a, b = find(first), find(other)
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    return frame["patient_id"].map(find)
+    for col in HASHES:
+        if col not in frame.columns:
+            continue
+        for key, vals in values.groupby(frame[col].astype(str)):
+            if key == "":  # not computed
+                continue
+            first, *rest = sorted(set(vals))
+            for other in rest:
+                a, b = find(first), find(other)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    return values.map(find)
+
+
+def link_groups(frame: pd.DataFrame) -> pd.Series:
+    """Patient ids merged where two patients share an identical image (same bytes or same
+    pixels)."""
+    return _linked(frame["patient_id"], frame)
+
+
+def duplicate_groups(frame: pd.DataFrame) -> list[list[str]]:
+    """Paths of images with the same bytes or the same pixels, one sorted list per group."""
+    rep = _linked(frame["path"].astype(str), frame)
+    groups = [sorted(g) for _, g in frame["path"].groupby(rep.values) if len(g) > 1]
+    return sorted(groups)
+
+
+def check_split_values(frame: pd.DataFrame, source: str = "manifest") -> None:
+    """Raise ``ValueError`` naming the rows (CSV line numbers) of any split column holding a
+    value other than ``train``, ``val``, ``test`` (``Train``, ``train `` and empty cells
+    included: such rows would silently drop out of every split)."""
+    cols = ["split"] if "split" in frame.columns else []
+    for col in cols + [c for c in split_columns(frame) if c != "split"]:  # k-fold: split too
+        values = frame[col].astype(str)
+        bad = ~values.isin(SPLITS)
+        if bad.any():
+            lines = [f"line {i + 2} {v!r}" for i, v in zip(np.flatnonzero(bad), values[bad],
+                                                             strict=True)]
+            shown = ", ".join(lines[:8]) + (f", ... ({len(lines)} rows)" if len(lines) > 8
+                                            else "")
+            raise ValueError(f"{source}: column {col} must be one of {', '.join(SPLITS)} "
+                             f"(exactly); found {shown}")
 
 
 def _patient_labels(frame: pd.DataFrame, groups: pd.Series) -> pd.Series:
@@ -166,20 +208,24 @@ def make_split(
 
 @dataclass
 class AuditReport:
-    """Patients and duplicate images found in more than one split of some split column."""
+    """Patients and duplicate images found in more than one split of some split column, and
+    what could not be checked."""
 
     leaking_patients: dict[str, list[str]]  # split column -> patient ids
     leaking_duplicates: dict[str, list[str]]  # split column -> sha256
     n_images: int
     n_patients: int
     columns: list[str]
+    leaking_pixel_duplicates: dict[str, list[str]] = field(default_factory=dict)  # pixel hash
+    ungrouped: int = 0  # images without a patient id: their leakage cannot be checked
+    pixels_checked: bool = True  # False for manifests written before pixel hashes
 
     @property
     def clean(self) -> bool:
         """True when no patient and no duplicate image crosses splits."""
         return not any(self.leaking_patients.values()) and not any(
             self.leaking_duplicates.values()
-        )
+        ) and not any(self.leaking_pixel_duplicates.values())
 
 
 def split_columns(frame: pd.DataFrame) -> list[str]:
@@ -188,17 +234,32 @@ def split_columns(frame: pd.DataFrame) -> list[str]:
     return cols or (["split"] if "split" in frame.columns else [])
 
 
+def ungrouped_rows(frame: pd.DataFrame) -> pd.Series:
+    """Rows without a patient id (their own group). Manifests older than the
+    ``group_source`` column: rows whose patient id is their own file path (that is what a scan
+    without a key wrote)."""
+    if "group_source" in frame.columns:
+        return frame["group_source"].astype(str) == "none"
+    stems = frame["path"].astype(str).str.rsplit(".", n=1).str[0]
+    pats = frame["patient_id"].astype(str)
+    return pd.Series([s.endswith(p) for s, p in zip(stems, pats, strict=True)], index=frame.index)
+
+
 def audit(frame: pd.DataFrame) -> AuditReport:
-    """Find patients and identical images that sit in more than one split."""
+    """Find patients and identical images (same bytes or same pixels) that sit in more than one
+    split, and count the images whose leakage cannot be checked (no patient id)."""
     cols = split_columns(frame)
     if not cols:
         raise ValueError(f"no split column; columns are {list(frame.columns)}")
-    pats, dups = {}, {}
+    check_split_values(frame)
+    found: dict[str, dict[str, list[str]]] = {"patient_id": {}, **{h: {} for h in HASHES}}
     for col in cols:
-        part = frame[frame[col].astype(str).isin(["train", "val", "test"])]
-        per_pat = part.groupby("patient_id")[col].nunique()
-        pats[col] = sorted(per_pat[per_pat > 1].index)
-        if "sha256" in part.columns:
-            per_hash = part.groupby("sha256")[col].nunique()
-            dups[col] = sorted(per_hash[per_hash > 1].index)
-    return AuditReport(pats, dups, len(frame), frame["patient_id"].nunique(), cols)
+        for key, out in found.items():
+            if key in frame.columns:
+                part = frame[frame[key].astype(str) != ""]
+                per = part.groupby(key)[col].nunique()
+                out[col] = sorted(per[per > 1].index)
+    pixels = "pixel_sha256" in frame.columns and bool((frame["pixel_sha256"] != "").all())
+    return AuditReport(found["patient_id"], found["sha256"], len(frame),
+                       frame["patient_id"].nunique(), cols, found["pixel_sha256"],
+                       int(ungrouped_rows(frame).sum()), pixels)

@@ -6,6 +6,7 @@ image is one field of view, and a centre crop would throw away a sixth of the ti
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,6 +21,10 @@ _INTERP = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
+
+# Bounds on a model's input side: the largest timm models take ~600 px; 4096 px is a 200 MB
+# float tensor per image, and anything above is a broken or hostile model file.
+MIN_SIDE, MAX_SIDE = 8, 4096
 
 # Ruifrok & Johnston's haematoxylin/eosin/DAB optical-density vectors (rows), as in skimage.
 RGB_FROM_HED = np.array(
@@ -59,8 +64,34 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        """Inverse of :meth:`to_dict`."""
-        return cls(tuple(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d["interpolation"])
+        """Inverse of :meth:`to_dict`, checked: model files come from anywhere.
+
+        Raises:
+            ValueError: A missing key, or a value of the wrong type or out of bounds (an input
+                side outside ``[8, MAX_SIDE]`` would be a typo or an out-of-memory kill).
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocess must be a mapping, got {type(d).__name__}")
+        missing = [k for k in ("input_size", "mean", "std", "interpolation") if k not in d]
+        if missing:
+            raise ValueError(f"preprocess is missing {', '.join(missing)}")
+        size, interp = d["input_size"], d["interpolation"]
+        if (not isinstance(size, list | tuple) or len(size) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+                or not all(MIN_SIDE <= v <= MAX_SIDE for v in size)):
+            raise ValueError(f"preprocess input_size {size!r}: need [height, width], integers in "
+                             f"[{MIN_SIDE}, {MAX_SIDE}]")
+        for key in ("mean", "std"):
+            v = d[key]
+            if (not isinstance(v, list | tuple) or len(v) != 3
+                    or not all(isinstance(x, int | float) and math.isfinite(x) for x in v)
+                    or (key == "std" and not all(x > 0 for x in v))):
+                raise ValueError(f"preprocess {key} {v!r}: need 3 finite numbers"
+                                 + (" > 0" if key == "std" else ""))
+        if interp not in _INTERP:
+            raise ValueError(f"preprocess interpolation {interp!r}: choose one of "
+                             f"{', '.join(_INTERP)}")
+        return cls(tuple(size), tuple(map(float, d["mean"])), tuple(map(float, d["std"])), interp)
 
     def resize(self, img: Image.Image) -> np.ndarray:
         """Resize an RGB image to the input size; returns ``HxWx3`` uint8."""

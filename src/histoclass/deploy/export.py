@@ -31,6 +31,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from histoclass._version import __version__
+from histoclass.data.files import write_error
 from histoclass.deploy.graph import set_metadata
 from histoclass.models.ensemble import Ensemble, load_model_file
 from histoclass.models.voting import combine, disagreement
@@ -163,14 +165,24 @@ def export_onnx(model_path: str | Path, out: str | Path, *, int8: bool = False,
          else torch.randn(2, 3, h, w))
     names = ["probs"] if ens.method == "single" else ["probs", "members", "disagreement"]
     fp32 = out.with_name(out.stem + ".fp32.onnx") if int8 else out
-    with torch.no_grad():
-        export_module(module, x, fp32, names)
-    set_metadata(fp32, metadata_of(ens, module))
-    log.info("exported %s -> %s", model_path, fp32)
-    if int8:
-        from histoclass.deploy.quantize import quantize_static_int8
+    # Written under a temporary name and renamed: a failure (full disk, a kill) never leaves a
+    # half-written .onnx under the final name, and the temporary file is removed.
+    tmp = fp32.with_name(f".{fp32.name}.{os.getpid()}.tmp")
+    try:
+        with torch.no_grad():
+            export_module(module, x, tmp, names)
+        set_metadata(tmp, metadata_of(ens, module))
+        os.replace(tmp, fp32)
+        log.info("exported %s -> %s", model_path, fp32)
+        if int8:
+            from histoclass.deploy.quantize import quantize_static_int8
 
-        quantize_static_int8(fp32, out, calibration)
+            quantize_static_int8(fp32, tmp, calibration)
+            os.replace(tmp, out)
+    except OSError as exc:
+        raise write_error(out, exc) from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

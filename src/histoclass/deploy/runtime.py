@@ -20,7 +20,7 @@ from PIL import Image
 
 from histoclass.data.images import ImageLoadError
 from histoclass.data.transforms import Preprocess
-from histoclass.models.checkpoint import stain_of
+from histoclass.models.checkpoint import load_reason, stain_of
 from histoclass.models.classifier import Preparation, Scores
 from histoclass.predict import Outputs, load_prepared, run
 
@@ -31,6 +31,19 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def _field(meta: dict[str, str], key: str, path: Path, default: str | None = None) -> Any:
+    """One JSON value of the file's metadata; a missing or broken value is a ``ValueError``
+    naming the file and the key (hand-made or damaged files must not give tracebacks)."""
+    if key not in meta and default is None:
+        raise ValueError(f"{path}: histoclass metadata has no {key!r}; export it again with "
+                         "`histoclass export`")
+    try:
+        return json.loads(meta.get(key, default))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"{path}: histoclass metadata {key!r} is not valid JSON "
+                         f"({load_reason(exc)})") from None
 
 
 class OnnxClassifier:
@@ -67,13 +80,22 @@ class OnnxClassifier:
             raise ValueError(f"{self.path}: an ONNX model without histoclass metadata; export "
                              "it with `histoclass export`")
         self.meta = meta
-        self.preprocess = Preprocess.from_dict(json.loads(meta["preprocess"]))
-        self.classes: list[str] = json.loads(meta["classes"])
+        try:
+            self.preprocess = Preprocess.from_dict(_field(meta, "preprocess", self.path))
+        except ValueError as exc:
+            raise ValueError(exc if str(self.path) in str(exc)
+                             else f"{self.path}: histoclass metadata {exc}") from None
+        self.classes: list[str] = _field(meta, "classes", self.path)
         self.task: str = meta.get("task", "binary")
         self.method: str = meta.get("method", "single")
-        self._members: list[str] = json.loads(meta.get("members", "[]"))
-        self.refer_threshold = float(meta.get("refer_threshold", 1.0))
-        self.stain = stain_of({"stain": json.loads(meta.get("stain", "null"))}, self.path)
+        self._members: list[str] = _field(meta, "members", self.path, "[]")
+        self.refer_threshold = float(_field(meta, "refer_threshold", self.path, "1.0"))
+        self.stain = stain_of({"stain": _field(meta, "stain", self.path, "null")}, self.path)
+        if (not isinstance(self.classes, list) or len(set(map(str, self.classes))) < 2
+                or not all(isinstance(c, str) and c for c in self.classes)
+                or not isinstance(self._members, list)):
+            raise ValueError(f"{self.path}: histoclass metadata classes {self.classes!r} / "
+                             f"members {self._members!r}: need lists of names")
         # Current exports take the decoded uint8 NHWC image and normalise inside the
         # graph; older (or uint8_input=False) exports take normalised float32 NCHW.
         self.uint8_input = self.session.get_inputs()[0].type == "tensor(uint8)"

@@ -2,7 +2,7 @@
 ``index.html`` gallery (no external resources) sortable by probability and correctness.
 
 Outputs are named for what they are (``<stem>.cam.png``, ``<stem>.overlay.png``), and the folder
-is marked as histoclass output (:func:`histoclass.data.scan.mark_output`), so a later ``split``
+is marked as histoclass output (:func:`histoclass.data.files.mark_output`), so a later ``split``
 or ``predict`` of it refuses it rather than taking figures for data. Unreadable images are
 skipped, logged and listed by name in the gallery; the rest are processed.
 """
@@ -61,8 +61,8 @@ def explain_batch(ens: Ensemble, items: list[tuple[str, str]], out: str | Path, 
     """
     import pandas as pd
 
+    from histoclass.data.files import mark_output
     from histoclass.data.images import ImageLoadError, load_rgb, to_array
-    from histoclass.data.scan import mark_output
     from histoclass.explain.figures import (
         ALPHA,
         ensemble_figure,
@@ -127,7 +127,7 @@ def explain_batch(ens: Ensemble, items: list[tuple[str, str]], out: str | Path, 
 
 def written_files(out: str | Path, result: BatchResult) -> list[Path]:
     """Every file :func:`explain_batch` wrote for ``result``, in a stable order."""
-    from histoclass.data.scan import OUTPUT_MARKER
+    from histoclass.data.files import OUTPUT_MARKER
 
     out = Path(out)
     keys = ("figure", "members_figure", "overlay", "map")

@@ -15,8 +15,7 @@ metrics), ``histoclass_version``.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from histoclass._version import __version__
+from histoclass.data.files import atomic_write
 from histoclass.data.transforms import Preprocess
 
 FORMAT = "histoclass-checkpoint"
@@ -35,18 +35,9 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temp file and rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save`` to a temp file and rename (:func:`histoclass.data.files.atomic_write`),
+    so a crash never leaves half a file and a write failure is one ``OSError`` naming ``path``."""
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def member_meta(
@@ -84,18 +75,81 @@ def load_file(path: str | Path, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors of many kinds
-        raise CheckpointError(f"{path}: not a readable {what} ({_load_reason(exc)})") from None
+        raise CheckpointError(f"{path}: not a readable {what} ({load_reason(exc)})") from None
 
 
-def _load_reason(exc: Exception) -> str:
-    """The cause in torch's load error, without its advice to retry with weights_only=False
-    (which would run arbitrary code from an untrusted file)."""
+# Sentences of torch's error that advise loading anyway (weights_only=False, allow-listing
+# globals): advice that would run code from an untrusted file, which histoclass never passes on.
+_ADVICE = ("weights_only", "safe_globals", "trust", "file an issue", "documentation",
+           "weights only load failed")
+
+
+def load_reason(exc: BaseException) -> str:
+    """Why ``torch.load`` (or any model-file reader) refused a file, in one line: the cause
+    (e.g. ``unsupported GLOBAL posix.system``) kept whole, torch's advice dropped. Every loader
+    (members, ensembles, ``--weights``, stain targets, ONNX metadata) words errors with it."""
     text = str(exc).strip()
-    if "WeightsUnpickler error:" in text:
-        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0]
+    if "Weights only load failed" in text or "WeightsUnpickler" in text:
+        text = text.replace("WeightsUnpickler error:", "\n")
+        parts = (p.strip() for p in re.split(r"(?<=[.!?:])\s+|\n+", text))
+        cause = " ".join(p for p in parts if p and not any(a in p.lower() for a in _ADVICE))
         return ("not a PyTorch file, or one holding objects other than tensors and plain "
-                f"types: {detail.strip()}")
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+                f"types: {cause or 'unsupported content'}")
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def check_finite(tensors: dict[str, Any], path: str | Path, what: str = "weights") -> None:
+    """Raise :class:`CheckpointError` naming the file when a float tensor holds NaN or inf: such
+    a network outputs NaN, which must never become a class."""
+    bad = [k for k, v in tensors.items() if isinstance(v, torch.Tensor)
+           and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: {what} contain NaN or infinite values ({len(bad)} "
+                              f"tensor(s), e.g. {bad[0]}): a diverged or corrupted file; "
+                              "retrain or use another checkpoint")
+
+
+def check_ensemble_numbers(obj: dict[str, Any], path: str | Path) -> None:
+    """:func:`check_finite` for what an ensemble file learned: weights, stacking
+    coefficients, the concatenation head."""
+    numbers = {"weights": obj.get("weights") or [], **(obj.get("stack") or {})}
+    try:
+        check_finite({k: torch.as_tensor(v, dtype=torch.float64) for k, v in numbers.items()},
+                     path, "ensemble parameters")
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: malformed ensemble weights or stack ({exc})") from None
+    if isinstance(obj.get("head"), dict):
+        check_finite(obj["head"], path, "concat head weights")
+
+
+def check_meta(meta: dict[str, Any], path: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming the file and the key when a member's metadata is
+    missing, of the wrong type or out of bounds (hand-made or damaged files)."""
+    import timm
+
+    def bad(key: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: checkpoint metadata {key} {why}")
+
+    for key in ("timm_name", "num_classes", "classes", "preprocess"):
+        if key not in meta:
+            raise bad(key, "is missing")
+    name, n, classes = meta["timm_name"], meta["num_classes"], meta["classes"]
+    if not isinstance(name, str) or not (timm.is_model(name) or ":" in name):
+        raise bad("timm_name", f"{name!r} is not a timm model name")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 100_000:
+        raise bad("num_classes", f"{n!r} must be an integer in [1, 100000]")
+    if (not isinstance(classes, list) or len(classes) != n or len(set(map(str, classes))) != n
+            or not all(isinstance(c, str) and c for c in classes)):
+        raise bad("classes", f"{classes!r} must be {n} distinct non-empty names")
+    drop = meta.get("drop_rate", 0.0)
+    if not isinstance(drop, int | float) or not 0 <= drop < 1:
+        raise bad("drop_rate", f"{drop!r} must be a number in [0, 1)")
+    try:
+        Preprocess.from_dict(meta["preprocess"])
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: checkpoint metadata {exc}") from None
 
 
 def check_checkpoint(obj: Any, path: str | Path) -> dict[str, Any]:
@@ -136,17 +190,30 @@ def model_from(obj: dict[str, Any], path: str | Path, device: str | torch.device
     meta = obj["meta"]
     if meta.get("kind") != "member":
         raise CheckpointError(f"{path}: a {meta.get('kind')!r} file, not a member checkpoint")
+    check_meta(meta, path)
+    state = obj.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: checkpoint has no state_dict of weights")
+    check_finite(state, path)
     model = build_model(meta)
     try:
-        model.load_state_dict(obj["state_dict"])
+        model.load_state_dict(state)
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit {meta['timm_name']} ({exc})") from None
+        raise CheckpointError(f"{path}: weights do not fit {meta['timm_name']} "
+                              f"({str(exc).splitlines()[0][:300]})") from None
     return model.to(device).eval(), meta
 
 
 def preprocess_of(meta: dict[str, Any]) -> Preprocess:
-    """The preprocessing stored in a checkpoint's metadata."""
-    return Preprocess.from_dict(meta["preprocess"])
+    """The preprocessing stored in a checkpoint's metadata.
+
+    Raises:
+        CheckpointError: It is missing or out of bounds.
+    """
+    try:
+        return Preprocess.from_dict(meta.get("preprocess"))
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint metadata: {exc}") from None
 
 
 def file_sha256(path: str | Path) -> str:

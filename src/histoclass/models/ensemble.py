@@ -25,24 +25,20 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 from histoclass._version import __version__
-from histoclass.data.transforms import Preprocess
 from histoclass.models.checkpoint import (
     CheckpointError,
     atomic_save,
     check_checkpoint,
+    check_ensemble_numbers,
     file_sha256,
-    load_checkpoint,
     load_file,
-    model_from,
-    preprocess_of,
-    stain_of,
+    load_reason,
 )
-from histoclass.models.classifier import Preparation, Scores, StainFn
+from histoclass.models.classifier import Preparation, Scores
 from histoclass.models.concat import ConcatHead, features_and_logits
-from histoclass.models.members import member_names
+from histoclass.models.members import Member, load_member, member_names
 from histoclass.models.published import published_folder, read_published
 from histoclass.models.voting import METHODS, combine, dihedral, disagreement, stack_features
 
@@ -56,16 +52,6 @@ VERSION = 1
 DEFAULT_REFER = 0.25
 
 
-class Member(NamedTuple):
-    """One network with what it needs to read an image: the one member type of histoclass."""
-
-    name: str
-    model: nn.Module
-    meta: dict[str, Any]
-    preprocess: Preprocess
-    stain: StainFn | None  # the fitted normaliser it was trained with
-
-
 class Output(NamedTuple):
     """What :meth:`Ensemble.predict_proba` returns for a batch of N images (tensors)."""
 
@@ -73,15 +59,6 @@ class Output(NamedTuple):
     pred: torch.Tensor  # [N] class index
     members: torch.Tensor  # [M, N, C]
     disagreement: torch.Tensor  # [N]
-
-
-def load_member(path: str | Path, name: str | None = None, device: str | torch.device = "cpu",
-                checkpoint: dict[str, Any] | None = None) -> Member:
-    """A member checkpoint as a :class:`Member` (named after its ``arch`` by default);
-    ``checkpoint`` is the file's checked content if the caller has already read it."""
-    model, meta = (load_checkpoint(path, device) if checkpoint is None
-                   else model_from(checkpoint, path, device))
-    return Member(name or meta["arch"], model, meta, preprocess_of(meta), stain_of(meta, path))
 
 
 class Ensemble:
@@ -254,14 +231,23 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> Ens
     if obj.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: ensemble format version {obj['version']} is newer than "
                               f"this histoclass understands ({VERSION}); upgrade histoclass")
-    files = [_member_file(path, e) for e in obj["members"]]
-    members = [load_member(f, e["name"], device) for f, e in zip(files, obj["members"],
-                                                                   strict=True)]
+    entries = obj.get("members")
+    if not (isinstance(entries, list) and entries and obj.get("method") in METHODS and all(
+            isinstance(e, dict) and {"name", "path", "abs_path", "sha256"} <= set(e)
+            for e in entries)):
+        raise CheckpointError(f"{path}: ensemble file with malformed members or method "
+                              f"{obj.get('method')!r} (valid: {', '.join(METHODS)})")
+    files = [_member_file(path, e) for e in entries]
+    members = [load_member(f, e["name"], device) for f, e in zip(files, entries, strict=True)]
+    check_ensemble_numbers(obj, path)
     head = None
     if obj.get("head") is not None:
-        head = ConcatHead(**obj["head_config"])
-        head.load_state_dict(obj["head"])
-        head.eval()
+        try:
+            head = ConcatHead(**obj["head_config"]).eval()
+            head.load_state_dict(obj["head"])
+        except (TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: concat head does not load ({load_reason(exc)})"
+                                  ) from None
     return Ensemble(members, obj["method"], weights=obj.get("weights"), stack=obj.get("stack"),
                     head=head, refer_threshold=obj.get("refer_threshold", DEFAULT_REFER),
                     member_paths=files, fit=obj.get("fit")).to(device)

@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from histoclass.data.transforms import Preprocess
+from histoclass.models.checkpoint import load_reason
 from histoclass.models.members import resolve_arch
 
 log = logging.getLogger(__name__)
+HUB_TIMEOUT = 3.0  # seconds the hub gets to answer before a run calls it unreachable
 
 
 class WeightsError(ValueError):
     """A weights file that is missing, unreadable, or does not fit the architecture."""
+
+
+class HubError(WeightsError):
+    """ImageNet weights could not come from the hub; ``reason`` is why, without the advice
+    (flags differ between ``train`` and ``demo``, so callers add their own)."""
+
+    def __init__(self, reason: str, advice: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}; {advice}")
+
+
+TRAIN_ADVICE = "offline, pass --weights FILE (a local weights file) or --no-pretrained"
 
 
 def _state_dict_of(obj: object, path: Path) -> dict[str, torch.Tensor]:
@@ -43,7 +61,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     except WeightsError:
         raise
     except Exception as exc:  # torch/safetensors raise many types for a bad file
-        raise WeightsError(f"{path}: cannot read weights ({exc})") from None
+        raise WeightsError(f"{path}: cannot read weights ({load_reason(exc)})") from None
 
 
 def _skip(key: str) -> bool:
@@ -130,17 +148,77 @@ def create_model(
     return model
 
 
+def hub_unreachable(timeout: float = HUB_TIMEOUT) -> str | None:
+    """``None`` when the Hugging Face hub answers within ``timeout`` seconds, else why not.
+
+    One HEAD request (through any configured proxy): offline, the hub client would otherwise
+    retry for about a minute, printing a line per retry, before failing.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    answer: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                   timeout=timeout).close()
+            answer.append(None)
+        except urllib.error.HTTPError as exc:  # the hub answers its root; 401/403: it is there
+            answer.append(None if exc.code in (401, 403) else f"HTTP {exc.code} from {url}: not "
+                          "the hub (a proxy or captive portal?)")
+        except (OSError, ValueError) as exc:  # URLError, timeouts, refusals, bad URLs
+            answer.append(f"{getattr(exc, 'reason', exc)}")
+
+    # The whole probe gets ``timeout`` seconds (a server trickling bytes cannot stretch it).
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    why = answer[0] if answer else f"no answer within {timeout:g} s"
+    return None if why is None else f"cannot reach the Hugging Face hub at {url} ({why})"
+
+
+def cached_weights(timm_name: str) -> str | None:
+    """The already downloaded hub weights file of ``timm_name`` (Hugging Face cache), if any."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
+    for file in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(cfg.hf_hub_id, file, cache_dir=cache)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def hub_problem(archs: list[str]) -> str | None:
+    """Why the ImageNet weights of ``archs`` cannot be had now (hub unreachable and not
+    cached), or ``None``: checked in seconds, before a run starts any work."""
+    missing = [n for n in map(resolve_arch, archs) if cached_weights(n) is None]
+    why = hub_unreachable() if missing else None
+    return f"{why}; no cached ImageNet weights for {', '.join(missing)}" if why else None
+
+
 def _from_hub(name: str, num_classes: int, drop_rate: float) -> nn.Module:
     import timm
 
+    kwargs: dict = {"num_classes": num_classes, "drop_rate": drop_rate}
+    why = hub_unreachable()
+    if why is not None:
+        cached = cached_weights(name)
+        if cached is None:
+            raise HubError(f"{why}; no cached ImageNet weights for {name}", TRAIN_ADVICE)
+        log.info("%s; using the cached weights %s", why, cached)
+        kwargs["pretrained_cfg_overlay"] = {"file": cached}
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes,
-                                 drop_rate=drop_rate)
+        return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # network, hub and cache errors come in many types
-        raise WeightsError(
-            f"could not get ImageNet weights for {name} from the Hugging Face hub ({exc}); "
-            "pass --weights FILE to load a local file offline, or --no-pretrained"
-        ) from None
+        raise HubError(f"could not get ImageNet weights for {name} from the Hugging Face hub "
+                       f"({load_reason(exc)})", TRAIN_ADVICE) from None
 
 
 def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> torch.device:

@@ -1,4 +1,5 @@
-"""The study's ensemble members as short names over timm architectures.
+"""Ensemble members: the study's short names over timm architectures, the one :class:`Member`
+type of histoclass and its loader, and how the members of one ensemble are named.
 
 timm is the registry: a short name is only an alias for a timm name with a pretrained tag, and
 any other timm name (``efficientnet_lite0``, ``convnext_tiny.fb_in1k``...) works as well.
@@ -10,6 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from histoclass.data.transforms import Preprocess
+from histoclass.models.checkpoint import load_checkpoint, model_from, preprocess_of, stain_of
+from histoclass.models.classifier import StainFn
 
 MEMBERS: dict[str, str] = {
     "v1-b0": "tf_efficientnet_b0.in1k",
@@ -49,6 +58,25 @@ def resolve_arch(name: str) -> str:
         f"unknown model {name!r}; use a member ({', '.join(MEMBERS)}) or a timm name"
         + (f" such as {', '.join(close)}" if close else "")
     )
+
+
+class Member(NamedTuple):
+    """One network with what it needs to read an image: the one member type of histoclass."""
+
+    name: str
+    model: nn.Module
+    meta: dict[str, Any]
+    preprocess: Preprocess
+    stain: StainFn | None  # the fitted normaliser it was trained with
+
+
+def load_member(path: str | Path, name: str | None = None, device: str | torch.device = "cpu",
+                checkpoint: dict[str, Any] | None = None) -> Member:
+    """A member checkpoint as a :class:`Member` (named after its ``arch`` by default);
+    ``checkpoint`` is the file's checked content if the caller has already read it."""
+    model, meta = (load_checkpoint(path, device) if checkpoint is None
+                   else model_from(checkpoint, path, device))
+    return Member(name or meta["arch"], model, meta, preprocess_of(meta), stain_of(meta, path))
 
 
 def member_names(paths: Sequence[str | Path], archs: Sequence[str]) -> list[str]:

@@ -19,6 +19,9 @@ from histoclass.stain._optical import check_image, tissue_mask
 log = logging.getLogger("histoclass.stain")
 
 FORMAT = 1  # bump when to_dict's layout changes incompatibly
+# Fewer tissue pixels than this (a 1x1 image, a thumbnail) cannot give colour statistics: every
+# method passes such an image through unchanged, and refuses it as a target.
+MIN_TISSUE_PIXELS = 64
 
 
 class Normalizer:
@@ -59,6 +62,9 @@ class Normalizer:
                     f"target image {i} has {mask.mean():.1%} tissue, below min_tissue "
                     f"{self.min_tissue:.1%}: choose a target with more tissue"
                 )
+            if mask.sum() < MIN_TISSUE_PIXELS:
+                raise ValueError(f"target image {i} has {int(mask.sum())} tissue pixel(s), "
+                                 f"fewer than {MIN_TISSUE_PIXELS}: choose a larger target")
             masks.append(mask)
         self._fit(images, masks)
         self.fitted = True
@@ -79,6 +85,9 @@ class Normalizer:
         reason = None
         if mask.mean() < self.min_tissue:
             reason = f"only {mask.mean():.1%} tissue (< min_tissue {self.min_tissue:.1%})"
+        elif mask.sum() < MIN_TISSUE_PIXELS:  # one rule for every method (1x1 images included)
+            reason = (f"only {int(mask.sum())} tissue pixel(s) (< {MIN_TISSUE_PIXELS}): too few "
+                      "to estimate colours")
         else:
             out, reason = self._transform(img, mask)
         if reason is not None:

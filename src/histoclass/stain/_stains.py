@@ -21,6 +21,7 @@ PERCENTILE = 99.0  # concentration percentile matched between source and target 
 # H and E vectors closer than this (2.6 degrees) are one colour and separation is garbage.
 # Vahadane's vectors on real BreakHis images reach a cosine of 0.993, so leave a margin.
 _MAX_COSINE = 0.999
+_MIN_CONCENTRATION = 1e-3  # below this a stain's 99th-percentile amount is "not there"
 
 
 def _solve(b0: np.ndarray, b1: np.ndarray, gram: np.ndarray) -> np.ndarray:
@@ -76,6 +77,15 @@ def order_and_normalise(stains: np.ndarray) -> np.ndarray:
     return stains if stains[0, 0] >= stains[1, 0] else stains[[1, 0]]
 
 
+def absent(max_concentrations: np.ndarray) -> str | None:
+    """Why the 99th-percentile stain concentrations show a stain missing (a greyscale image,
+    a single stain), or ``None``: one rule for targets and sources."""
+    if np.any(np.asarray(max_concentrations) <= _MIN_CONCENTRATION):
+        return ("a stain is absent (99th-percentile concentrations "
+                f"{np.round(max_concentrations, 4).tolist()})")
+    return None
+
+
 def degenerate(stains: np.ndarray) -> str | None:
     """Why a stain matrix cannot separate two stains, or ``None`` when it can."""
     if not np.all(np.isfinite(stains)):
@@ -118,8 +128,13 @@ class StainNormalizer(Normalizer):
         if reason:
             raise ValueError(f"cannot fit {self.method} to the target image(s): {reason}")
         conc = np.concatenate([image_concentrations(img, stains, self.lam) for img in images], 1)
+        max_c = np.percentile(conc, PERCENTILE, axis=1).astype(np.float64)
+        reason = absent(max_c)
+        if reason:  # normalising toward it would turn every image into one stain
+            raise ValueError(f"cannot fit {self.method} to the target image(s): {reason}; "
+                             "choose an H&E target showing both stains")
         self.stain_matrix = stains
-        self.max_concentrations = np.percentile(conc, PERCENTILE, axis=1).astype(np.float64)
+        self.max_concentrations = max_c
 
     def _transform(self, img: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, str | None]:
         # Only the sampled tissue pixels are converted to OD: same pixels as stain_matrix_of.
@@ -132,8 +147,9 @@ class StainNormalizer(Normalizer):
             return img, reason
         conc = image_concentrations(img, stains, self.lam)
         max_c = np.percentile(conc, PERCENTILE, axis=1)
-        if np.any(max_c <= 1e-3):
-            return img, f"a stain is absent (99th-percentile concentrations {max_c.round(4)})"
+        reason = absent(max_c)
+        if reason:
+            return img, reason
         conc *= (self.max_concentrations / max_c).astype(np.float32)[:, None]
         return stains_to_rgb(conc, self.stain_matrix, img.shape), None
 

@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from histoclass.data import ImageLoadError, load_rgb, resolve_data, scan, write_manifest
+from histoclass.data.files import atomic_write, read_csv
 from histoclass.data.images import to_array
 from histoclass.stain import Normalizer, save
 
@@ -73,9 +74,9 @@ def _one(job: tuple[str, str]) -> tuple[str, str, str | None]:
         path = Path(dst)
         path.parent.mkdir(parents=True, exist_ok=True)
         fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-        tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(out).save(tmp, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
-        os.replace(tmp, path)  # a half-written copy never carries the final name
+        # a half-written copy never carries the final name, and none is left on failure
+        atomic_write(path, lambda fh: Image.fromarray(out).save(fh, format=fmt,
+                                                                **_SAVE_OPTIONS.get(fmt, {})))
     except ImageLoadError as exc:
         return "bad", src, exc.reason
     except (OSError, ValueError) as exc:
@@ -87,7 +88,7 @@ def _input_table(data: Path, kept: pd.DataFrame) -> pd.DataFrame:
     """Scanned rows; for a CSV input, its own rows and all its columns instead."""
     if not data.is_file():
         return kept
-    table = pd.read_csv(data, dtype=str, keep_default_na=False)
+    table = read_csv(data, "data CSV")
     table["path"] = [
         str((Path(p) if Path(p).is_absolute() else data.parent / p).resolve())
         for p in table["path"]

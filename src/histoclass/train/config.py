@@ -6,7 +6,12 @@ This module is the top of the training package's imports: it imports nothing fro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
 
 # Direction of each selectable validation score: higher is better except for the loss.
 SELECT = {"balanced_accuracy": 1.0, "auc": 1.0, "loss": -1.0}
@@ -15,9 +20,13 @@ CHOICES = {
     "balance": ("none", "weights", "sampler"), "select": tuple(SELECT),
     "amp": ("auto", "off", "bf16", "fp16"),
 }
-# Settings that must match when a run is resumed (the rest, e.g. epochs or workers, may change).
-RESUME_FIXED = ("model", "task", "fold", "magnification", "batch_size", "image_size", "seed",
-                "lr", "head_lr", "schedule", "balance", "label_smoothing", "drop_rate")
+# Settings that may change when a run is resumed: how long it trains and where it runs. Every
+# other setting is part of the result (a new setting is too, unless listed here): --resume
+# checks them, with the content of the manifest, the weights file and the stain target, against
+# the checkpoint's ``fingerprint`` (:func:`fingerprint`).
+RESUME_FREE = ("out", "epochs", "patience", "device", "workers", "cache_dir", "resume")
+# Paths whose file content, not their name, is what matters.
+HASHED = ("manifest", "weights", "stain_target")
 
 
 @dataclass
@@ -80,3 +89,89 @@ class TrainConfig:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
         if bool(self.stain) != bool(self.stain_target):
             raise ValueError("--stain METHOD and --stain-target IMAGE go together")
+
+
+def file_sha256(path: str | None) -> str | None:
+    """Content hash of a settings file (``None`` for no file, ``missing`` if it is gone)."""
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        return "missing"
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+    """Every result-affecting setting of ``cfg``, files by content hash (``<name>_sha256``):
+    stored in checkpoints, compared by ``--resume``."""
+    out = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE and k not in HASHED}
+    out.update({f"{k}_sha256": file_sha256(getattr(cfg, k)) for k in HASHED})
+    return out
+
+
+def fingerprint_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key old -> new`` for every setting that differs (a key absent on one side included)."""
+    return [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+
+
+# -- a small typed schema for configuration files ----------------------------------------------
+# Dataclasses and their type hints are the schema (TrainConfig is already one), checked by the
+# few lines below: pydantic would be a new required dependency for one check of a YAML file,
+# and its messages would not name our blocks and flags.
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value) \
+            if args else isinstance(value, list)
+    if origin is dict:
+        return isinstance(value, dict) and (not args or all(
+            _matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()))
+    if origin is typing.Literal:
+        return value in args
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    return "null" if hint is type(None) else str(getattr(hint, "__name__", hint))
+
+
+def check_block(values: Any, schema: dict[str, Any], block: str) -> None:
+    """Raise ``ValueError`` naming the block, the key and the valid keys when ``values`` has a
+    key ``schema`` (name -> type hint) does not know, or a value of the wrong type."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{block}: must be a mapping of settings, got {values!r}")
+    unknown = sorted(set(values) - set(schema))
+    if unknown:
+        raise ValueError(f"{block}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: "
+                         f"{', '.join(sorted(schema))}")
+    for key, value in values.items():
+        if not _matches(value, schema[key]):
+            raise ValueError(f"{block}: {key} = {value!r} ({type(value).__name__}) must be "
+                             f"{_type_name(schema[key])}")
+
+
+def train_schema(exclude: tuple[str, ...] = ("manifest", "out", "task", "fold", "resume")
+                 ) -> dict[str, Any]:
+    """:class:`TrainConfig`'s fields and types, less those a pipeline sets itself."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in fields(TrainConfig) if f.name not in exclude}

@@ -93,6 +93,36 @@ def fit_stain(method: str, target: str) -> Any:
     return stain.fit(method, [np.asarray(load_rgb(target))])
 
 
+def check_readable(datasets: Sequence[Any], workers: int = 2) -> None:
+    """Decode every image of ``datasets`` once, before the first epoch.
+
+    An image that became unreadable after ``histoclass split`` would otherwise stop training
+    mid-epoch with a DataLoader traceback. With the decode cache this costs nothing extra: it
+    fills the cache the first epoch would fill (without one, it is one more decoding pass).
+
+    Raises:
+        ValueError: Naming the unreadable files and why: the run stops before it starts.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(job: tuple[Any, int]) -> tuple[str, str] | None:
+        ds, i = job
+        try:
+            ds.image(i)
+        except Exception as exc:  # whatever the decoder or the stain step raises
+            return ds.paths[i], getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+        return None
+
+    jobs = [(ds, i) for ds in datasets for i in range(len(ds))]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        bad = [r for r in pool.map(one, jobs) if r is not None]
+    if bad:
+        shown = "; ".join(f"{p}: {why}" for p, why in bad[:5])
+        raise ValueError(f"{len(bad)} of {len(jobs)} train/val image(s) cannot be read (changed "
+                         f"since the split?): {shown}{'; ...' if len(bad) > 5 else ''}; restore "
+                         "them or re-run histoclass split")
+
+
 class RunData:
     """Rows, class vocabulary and loaders of one run (see :func:`build_data`)."""
 
@@ -153,9 +183,10 @@ class RunData:
         aug = Augment(color_jitter=cfg.color_jitter, hed_jitter=cfg.hed_jitter)
         train_ds = ManifestDataset(self.train_rows, pre, train=True, augment=aug, **common)
         val_ds = ManifestDataset(self.val_rows, pre, train=False, **common)
+        workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
+        check_readable([train_ds, val_ds], workers)  # before any epoch, not mid-epoch
         if d.enabled:  # each process scores its share; metrics see the gathered whole
             val_ds = Subset(val_ds, range(d.rank, len(val_ds), d.world))
-        workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
         self.sampler = EpochSampler(len(train_ds), cfg.seed, d.rank, d.world,
                                     self.sample_weights)
         # Reseeded each epoch: worker processes draw their augmentation seeds from it.

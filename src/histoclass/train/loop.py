@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from histoclass import models
+from histoclass.data.files import check_output, remove_stale_temps
 from histoclass.data.transforms import Preprocess
 from histoclass.models.checkpoint import build_model, read_checkpoint, save_checkpoint
 from histoclass.train import distributed, records
-from histoclass.train.config import RESUME_FIXED, TrainConfig
+from histoclass.train.config import TrainConfig, fingerprint, fingerprint_changes
 from histoclass.train.data import RunData, build_data, epoch_seed
 from histoclass.train.distributed import Dist
 from histoclass.train.epoch import (
@@ -107,6 +108,7 @@ class _Run:
     best: dict[str, Any] | None = None
     bad_epochs: int = 0
     start: int = 0
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # what --resume must match
 
 
 def _prepare(cfg: TrainConfig, d: Dist) -> _Run:
@@ -119,12 +121,16 @@ def _prepare(cfg: TrainConfig, d: Dist) -> _Run:
     if not cfg.resume and (out / "last.pt").exists():
         raise ValueError(f"{out} already holds a run (last.pt); pass --resume to continue it "
                          "or choose another --out")
+    if d.main:  # before any image is read: a read-only or full folder fails now, in one line
+        check_output(out, "folder")
+        remove_stale_temps(out, older_than=0)  # .best.pt.*.tmp of a killed run
     if d.world > 1 and cfg.batch_size % d.world:
         raise ValueError(f"--batch-size {cfg.batch_size} does not split over {d.world} processes")
     torch.manual_seed(cfg.seed)  # same initial head on every process
     timm_name = models.resolve_arch(cfg.model)
     data = build_data(cfg, d)
-    ckpt = _resume_checkpoint(cfg, out) if cfg.resume else None
+    prints = fingerprint(cfg)
+    ckpt = _resume_checkpoint(cfg, out, prints) if cfg.resume else None
     if ckpt is None:
         model = models.create_model(cfg.model, len(data.classes), pretrained=cfg.pretrained,
                                     weights=cfg.weights, drop_rate=cfg.drop_rate)
@@ -152,7 +158,8 @@ def _prepare(cfg: TrainConfig, d: Dist) -> _Run:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[d.device] if d.device.type == "cuda" else None,
             broadcast_buffers=False, find_unused_parameters=cfg.warmup_epochs > 0)
-    run = _Run(out, data, model, net, opt, scaler, crit, amp, freeze_bn, timm_name, pre)
+    run = _Run(out, data, model, net, opt, scaler, crit, amp, freeze_bn, timm_name, pre,
+               fingerprint=prints)
     if ckpt is not None:
         meta, state = ckpt["meta"], ckpt["meta"]["train_state"]
         opt.load_state_dict(state["optimizer"])
@@ -172,15 +179,22 @@ def _prepare(cfg: TrainConfig, d: Dist) -> _Run:
     return run
 
 
-def _resume_checkpoint(cfg: TrainConfig, out: Path) -> dict:
-    """``last.pt`` of the run in ``out``, checked against ``cfg``'s fixed settings."""
+def _resume_checkpoint(cfg: TrainConfig, out: Path, now: dict[str, Any]) -> dict:
+    """``last.pt`` of the run in ``out``, checked against every result-affecting setting of
+    ``cfg`` and the content of its files (:func:`~histoclass.train.config.fingerprint`)."""
     ckpt = read_checkpoint(out / "last.pt")
-    saved = ckpt["meta"]["config"]
-    changed = [k for k in RESUME_FIXED if saved.get(k) != getattr(cfg, k)]
+    saved = ckpt["meta"].get("fingerprint")
+    if saved is None:  # written before fingerprints: compare the settings it recorded
+        config = ckpt["meta"]["config"]
+        saved = {k: config.get(k) for k in now if not k.endswith("_sha256")}
+        now = {k: now[k] for k in saved}
+        log.warning("%s predates setting fingerprints: file contents (manifest, weights, "
+                    "stain target) cannot be checked", out / "last.pt")
+    changed = fingerprint_changes(saved, now)
     if changed:
         raise ValueError(f"--resume with other settings than {out / 'last.pt'}: "
-                         + ", ".join(f"{k} {saved.get(k)!r} -> {getattr(cfg, k)!r}"
-                                     for k in changed))
+                         + ", ".join(changed) + "; resume with the same settings, or train "
+                         "into another --out")
     return ckpt
 
 
@@ -197,7 +211,7 @@ def _write_epoch(run: _Run, cfg: TrainConfig, row: dict[str, Any], improved: boo
         return models.member_meta(cfg.model, run.timm_name, run.data.classes, run.pre,
                                   task=cfg.task, drop_rate=cfg.drop_rate,
                                   stain=run.data.stain_meta, config=asdict(cfg),
-                                  history=run.history, **extra)
+                                  fingerprint=run.fingerprint, history=run.history, **extra)
 
     if improved:
         save_checkpoint(run.out / "best.pt", run.model, meta_of(metrics=run.best, epoch=epoch))

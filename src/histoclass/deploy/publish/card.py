@@ -84,8 +84,12 @@ def _metrics_text(obj: dict[str, Any]) -> list[str]:
     if m.get("source") == "histoclass evaluate":
         lines = [f"Measured by `histoclass evaluate` on the **{m.get('split')}** split "
                  f"({_fmt(m.get('images'))} images, {_fmt(m.get('patients'))} patients), split "
-                 f"protocol **{(obj.get('split') or {}).get('protocol') or 'unknown'}**; 95% "
-                 f"intervals from {_fmt(m.get('bootstrap'))} bootstrap replicates over patients"
+                 f"protocol **{(obj.get('split') or {}).get('protocol') or 'unknown'}**; "
+                 + (f"95% intervals: {m['ci_note']}" if m.get("ci_note") else
+                    f"95% intervals from {_fmt(m.get('bootstrap'))} bootstrap replicates over "
+                    "patients")
+                 + (f"; patient-level metrics: {m['patient_note']}" if m.get("patient_note")
+                    else "")
                  + (f"; values are the mean over {m['folds']} folds (intervals: the pooled "
                     "out-of-fold predictions)." if m.get("folds") else "."),
                  "", "| metric | level | value | 95% CI (patient bootstrap) |", "|---|---|---|---|"]

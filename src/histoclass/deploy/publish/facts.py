@@ -138,4 +138,6 @@ def metrics_facts(ens: Ensemble, metrics: str | Path | None) -> dict[str, Any]:
         "leaks_patients": run.get("leaks_patients"),
         "image": _level(values, IMAGE_METRICS), "patient": _level(values, PATIENT_METRICS),
         "ci95": values.get("ci95") or {}, "per_magnification": values.get("per_magnification"),
+        # Why intervals or patient numbers are absent, in evaluate's own words.
+        "ci_note": run.get("ci_note"), "patient_note": run.get("patient_note"),
     }
