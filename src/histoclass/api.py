@@ -222,6 +222,23 @@ class Model:
         frame["error"] = [e or "" for e in errors]
         return frame
 
+    def predict_slide(self, slide: str | Path, out: str | Path = "slide-results",
+                      on_progress: Any = None, **options: Any) -> dict[str, Any]:
+        """Score a whole slide into ``out/<slide stem>/`` (heat map, ``tiles.csv``, GeoJSON,
+        ``summary.json``: :func:`histoclass.slides.predict_slide`) and return its summary.
+
+        Args:
+            slide: Slide file (needs the ``slides`` extra).
+            out: Parent folder of the slide's result folder.
+            on_progress: Called with ``(tiles done, tissue tiles)`` after every batch.
+            options: :class:`histoclass.slides.SlideOptions` fields (``mpp``, ``model_mpp``,
+                ``min_tissue``, ``overlap``, ``batch_size``, ``explain_top``, ...).
+        """
+        from histoclass.slides import SlideOptions, predict_slide
+
+        return predict_slide(self.classifier, slide, out, SlideOptions(**options),
+                             on_progress=on_progress, lock=self._lock)
+
     def explain(self, image: ImageLike, method: str = "gradcam", target: str = "predicted",
                 alpha: float = 0.4, max_pixels: int = DEFAULT_MAX_PIXELS) -> Explained:
         """Grad-CAM overlay of one image (fused over members for an ensemble, weighted by

@@ -132,8 +132,88 @@ def examples() -> list[list[list[str]]]:
     return [[[str(p)]] for p in sorted(sample_path("breakhis").glob("*.png"))[:4]]
 
 
-def build(model: str | Path | Model, limits: Limits = Limits(), explain: bool = True) -> Any:
-    """The Gradio ``Blocks`` app for ``model`` (loaded once, here)."""
+def analyse_slide(name: str | None, alpha: float, clf: Model, slides: Path, out: Path,
+                  progress: Any = None) -> tuple[str, Any, list[tuple[str, str]], dict]:
+    """The Slide tab's answer: markdown, heat map over the thumbnail, top tiles, summary.
+
+    Only names listed from ``slides`` (the folder given at start) are opened; the run resumes
+    from ``out`` when the slide was analysed before.
+    """
+    from histoclass.slides import SlideError
+    from histoclass.slides.batch import resolve_listed
+    from histoclass.slides.outputs import overlay_of
+
+    if not name:
+        return "Choose a slide.", None, [], {}
+    try:
+        path = resolve_listed(slides, name)
+        report = None if progress is None else (lambda d, t: progress((d, t), unit="tiles"))
+        s = clf.predict_slide(path, out, on_progress=report, explain_top=6)
+    except (SlideError, ValueError, OSError) as exc:
+        return f"**Could not analyse {html.escape(name)}:** {html.escape(str(exc))}", None, [], {}
+    except Exception:  # never a stack trace on the page; keep it in the log
+        log.exception("failed on slide %s", name)
+        return (f"**Could not analyse {html.escape(name)}:** internal error (see the server "
+                "log)"), None, [], {}
+    folder = out / path.stem
+    top = sorted(p for p in (folder / "top").glob("*.png") if not p.name.endswith(".cam.png"))
+    gallery = [(str(p.with_suffix(".cam.png")) if p.with_suffix(".cam.png").exists()
+                else str(p), p.stem) for p in top]
+    text = (f"### {html.escape(s['slide'])}\n**Verdict: {str(s['verdict']).upper()}** "
+            f"(mean p(malignant) of the top {s['top_k']} tiles "
+            f"{s['top_k_mean_p_malignant']:.3f}; {s['tiles_scored']} tissue tiles, "
+            f"{s['tissue']['area_mm2']:.2f} mm^2)" + (" — **refer to a pathologist**: "
+                                                      + "; ".join(s["refer_reasons"])
+                                                      if s["refer"] else "")
+            + f"\n\nRule: {s['verdict_rule']}.")
+    return text, overlay_of(folder, alpha), gallery, s
+
+
+def slide_tab(clf: Model, slides: Path, out: Path) -> None:
+    """The ``Slide`` tab (inside ``build``'s Blocks): slides from the folder given at start."""
+    import gradio as gr
+
+    from histoclass.slides import list_slides
+    from histoclass.slides.outputs import overlay_of
+
+    def overlay(name: str | None, alpha: float) -> Any:
+        from histoclass.slides.batch import resolve_listed
+
+        try:
+            return overlay_of(out / resolve_listed(slides, name or "").stem, alpha)
+        except (ValueError, OSError):  # not analysed yet
+            return None
+
+    with gr.Tab("Slide", elem_id="slide-tab"):
+        names = list_slides(slides)
+        gr.Markdown(f"Whole slides from the served folder ({len(names)} found). Scoring is "
+                    "tile by tile at the model's resolution and resumes where it stopped.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                choice = gr.Dropdown(names, label="Slide", elem_id="slide-choice")
+                run = gr.Button("Analyse slide", variant="primary", elem_id="slide-run")
+                alpha = gr.Slider(0, 1, 0.5, step=0.05, label="Heat-map opacity",
+                                  elem_id="slide-opacity")
+            with gr.Column(scale=2):
+                status = gr.Markdown(elem_id="slide-status")
+                heat = gr.Image(label="p(malignant) over the thumbnail", format="png",
+                                interactive=False, elem_id="slide-heatmap")
+                top = gr.Gallery(label="Most malignant tiles (Grad-CAM with PyTorch models)",
+                                 columns=3, format="png", elem_id="slide-top")
+                summary = gr.JSON(label="Summary", elem_id="slide-summary")
+
+        def go(name: str | None, a: float, progress: Any = gr.Progress()) -> Any:
+            return analyse_slide(name, a, clf, slides, out, progress)
+
+        run.click(go, [choice, alpha], [status, heat, top, summary], api_name="slide")
+        alpha.release(overlay, [choice, alpha], [heat], api_name="slide_overlay")
+
+
+def build(model: str | Path | Model, limits: Limits = Limits(), explain: bool = True,
+          slides: str | Path | None = None, slides_out: str | Path | None = None) -> Any:
+    """The Gradio ``Blocks`` app for ``model`` (loaded once, here); ``slides`` adds the Slide
+    tab for the slide files in that folder, results in ``slides_out`` (default: a folder in the
+    system's temporary directory)."""
     import gradio as gr
 
     clf = model if isinstance(model, Model) else load(model)
@@ -159,13 +239,19 @@ def build(model: str | Path | Model, limits: Limits = Limits(), explain: bool = 
                 details = gr.JSON(label="Details", elem_id="details")
         run.click(lambda f: analyse(f, clf, limits, explain), inputs=[files],
                   outputs=[verdict, overlays, details], api_name="classify")
+        if slides is not None:
+            import tempfile
+
+            slide_tab(clf, Path(slides), Path(slides_out or Path(tempfile.gettempdir())
+                                              / "histoclass-slides"))
     return demo
 
 
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 7860, *,
-          limits: Limits = Limits(), concurrency: int = 2, explain: bool = True) -> None:
+          limits: Limits = Limits(), concurrency: int = 2, explain: bool = True,
+          slides: str | Path | None = None, slides_out: str | Path | None = None) -> None:
     """Build the app and serve it until interrupted."""
-    demo = build(model, limits, explain)
+    demo = build(model, limits, explain, slides, slides_out)
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
     log.info("serving %s on http://%s:%d", model, host, port)
     demo.launch(server_name=host, server_port=port, ssr_mode=False, show_error=False,

@@ -9,7 +9,7 @@ import logging
 
 import typer
 
-from histoclass.cli import data, evaluate, explain, pipeline, predict, serve, stain, train
+from histoclass.cli import data, evaluate, explain, pipeline, predict, serve, slide, stain, train
 
 app = typer.Typer(
     name="histoclass",
@@ -18,7 +18,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for _module in (data, stain, train, predict, explain, evaluate, serve, pipeline):
+for _module in (data, stain, train, predict, explain, evaluate, serve, pipeline, slide):
     _module.register(app)
 
 
