@@ -65,7 +65,8 @@ def heatmap_figure(thumb: np.ndarray, heat: np.ndarray, grid: Any, scale: float,
                              label=f"malignant region (p >= {threshold:g})"),
                        Patch(facecolor="white", edgecolor="grey",
                              label="no colour: glass, or tile below --min-tissue")],
-              loc="upper right", fontsize=8, framealpha=0.8)
+              loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=8,
+              frameon=False)
     with atomic(path) as fh:
         fig.savefig(fh, format="png", pil_kwargs={"compress_level": 1})
     fig.clear()

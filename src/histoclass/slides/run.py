@@ -39,6 +39,7 @@ from histoclass.slides.tissue import DEFAULT_MIN_AREA_MM2, METHOD, tile_fraction
 
 log = logging.getLogger(__name__)
 INFO = ["x", "y", "width", "height", "row", "col", "tissue"]
+VIEW_SIDE = 1600  # pixels on the long side of thumbnail.png and the heat map's background
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,10 @@ def predict_slide(clf: Classifier, path: str | Path, out: str | Path,
         mask_mpp = max(min(max(min(res.microns) / 16, 2.0), 32.0), long_um / 4096)
         thumb, thumb_mpp = slide.thumbnail(mask_mpp)
         mask = tissue_mask(thumb, thumb_mpp, opts.min_area_mm2)
-        outputs.write_png(thumb, folder / "thumbnail.png")
+        view = thumb  # the picture's background: finer when the mask's is coarse
+        if long_um / VIEW_SIDE < 0.8 * thumb_mpp:
+            view, _ = slide.thumbnail(max(long_um / VIEW_SIDE, slide.mpp))
+        outputs.write_png(view, folder / "thumbnail.png")
         outputs.write_png(mask.astype(np.uint8) * 255, folder / "mask.png")
         cells, boxes = grid.boxes()
         scale = thumb.shape[1] / slide.width  # thumbnail pixels per level-0 pixel
@@ -187,8 +191,8 @@ def predict_slide(clf: Classifier, path: str | Path, out: str | Path,
         frame = pd.read_csv(folder / "tiles.csv").drop_duplicates(["row", "col"])
         frame = frame.sort_values(["row", "col"]).reset_index(drop=True)
         p_mal = outputs.p_malignant(frame, list(clf.classes))
-        summary = _finish(clf, slide, grid, res, res_source, frame, p_mal, mask, thumb,
-                          thumb_mpp, scale, folder, opts, lock)
+        summary = _finish(clf, slide, grid, res, res_source, frame, p_mal, mask, thumb_mpp,
+                          view, folder, opts, lock)
     summary.update(resumed_tiles=int(len(cand) - len(todo)), scored_now=int(scored),
                    seconds=round(time.perf_counter() - start, 3),
                    tiles_per_s=round(scored / score_s, 2) if scored and score_s > 0 else None)
@@ -197,8 +201,8 @@ def predict_slide(clf: Classifier, path: str | Path, out: str | Path,
 
 
 def _finish(clf: Classifier, slide: Slide, grid: Grid, res: Resolution, res_source: str,
-            frame: pd.DataFrame, p_mal: np.ndarray, mask: np.ndarray, thumb: np.ndarray,
-            thumb_mpp: float, scale: float, folder: Path, opts: SlideOptions, lock: Any
+            frame: pd.DataFrame, p_mal: np.ndarray, mask: np.ndarray, thumb_mpp: float,
+            view: np.ndarray, folder: Path, opts: SlideOptions, lock: Any
             ) -> dict[str, Any]:
     """Heat map, GeoJSON, top tiles and the summary's numbers (written but ``summary.json``)."""
     heat = outputs.heat_grid(frame, p_mal, grid)
@@ -212,7 +216,9 @@ def _finish(clf: Classifier, slide: Slide, grid: Grid, res: Resolution, res_sour
     title = (f"{slide.path.name}: {v['verdict']} (top-{opts.top_k} mean p(malignant) "
              f"{'n/a' if top is None else f'{top:.2f}'}; malignant "
              f"{v['malignant_fraction'] or 0:.0%} of scored tissue)")
-    heatmap_figure(thumb, heat, grid, scale, polygons, title, opts.threshold, thumb_mpp,
+    view_scale = view.shape[1] / slide.width  # picture pixels per level-0 pixel
+    heatmap_figure(view, heat, grid, view_scale, polygons, title, opts.threshold,
+                   slide.mpp / view_scale,
                    folder / "heatmap.png")
     if opts.explain_top:
         shutil.rmtree(folder / "top", ignore_errors=True)

@@ -2,13 +2,13 @@
 
 Method (:data:`METHOD`): stained tissue is coloured and glass is grey-white, so pixels are
 split by HSV saturation (averaged over 3x3 thumbnail pixels) at Otsu's threshold, kept within
-:data:`GLASS_MARGIN` above the glass's own saturation (the median saturation of bright pixels
-on Otsu's glass side) and never below :data:`MIN_SATURATION`. The margin keeps Otsu from
-cutting between pale and dark tissue when a slide holds both (the bundled BreakHis 200X
-phyllodes field has a median saturation of ~0.08, a carcinoma field ~0.3) while tinted glass
-stays glass. Near-black pixels (value < 0.1: pen, dust, folds) are dropped, a closing then an
-opening with a 3x3 square join nuclei and remove specks, and connected pieces and holes smaller
-than ``min_area_mm2`` are removed and filled.
+:data:`GLASS_MARGIN` above the glass's own saturation (the median saturation of the pixels on
+Otsu's glass side whose every channel is >= 200) and never below :data:`MIN_SATURATION`. The
+margin keeps Otsu from cutting between pale and dark tissue when a slide holds both (the bundled
+BreakHis 200X phyllodes field has a median saturation of ~0.08, a carcinoma field ~0.3) while
+tinted glass stays glass. Near-black pixels (value < 0.1: pen, dust, folds) are dropped, a
+closing then an opening with a 3x3 square join nuclei and remove specks, and connected pieces
+and holes smaller than ``min_area_mm2`` are removed and filled.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from scipy import ndimage
 
 MIN_SATURATION = 0.03
 GLASS_MARGIN = (0.02, 0.04)
+GLASS_MIN_VALUE = 200  # every channel at least this bright (of 255) to count as glass
 MIN_VALUE = 0.1
 DEFAULT_MIN_AREA_MM2 = 0.01  # 100 x 100 um; a BreakHis 40X field is ~0.075 mm^2
 METHOD = ("3x3-averaged HSV saturation above Otsu's threshold, kept 0.02-0.04 above the glass's "
@@ -53,8 +54,10 @@ def tissue_mask(rgb: np.ndarray, mpp: float, min_area_mm2: float = DEFAULT_MIN_A
     sat = ndimage.uniform_filter(sat, 3)
     lit = hi >= MIN_VALUE
     cut = otsu(sat[lit]) if lit.any() else 1.0
-    glass = sat[lit & (hi >= 0.8) & (sat < cut)]
-    g = float(np.median(glass)) if glass.size else 0.0
+    # Glass is bright in every channel (pale pink tissue is not); too few such pixels means a
+    # field full of tissue, measured against clean glass.
+    glass = sat[(lo8 >= GLASS_MIN_VALUE) & (sat < cut)]
+    g = float(np.median(glass)) if glass.size >= 0.01 * sat.size else 0.0
     cut = max(float(np.clip(cut, g + GLASS_MARGIN[0], g + GLASS_MARGIN[1])), MIN_SATURATION)
     mask = (sat > cut) & lit
     square = np.ones((3, 3), bool)
