@@ -216,3 +216,37 @@ def test_api_predict_slide_and_top_tiles(ckpt, slide_path, tmp_path):
     best = tiles.loc[tiles["p_malignant"].idxmax()]
     assert top[0].name == f"01_x{best.x}_y{best.y}.cam.png"
     assert json.loads((tmp_path / "case1" / "summary.json").read_text()) == s
+
+
+def test_killed_cli_run_resumes_to_the_same_tiles(run, ckpt, slide_path, tmp_path):
+    """SIGKILL mid-run (no cleanup at all), then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    folder, _ = run
+    full = pd.read_csv(folder / "tiles.csv").sort_values(["row", "col"]).reset_index(drop=True)
+    cmd = [sys.executable, "-m", "histoclass", "slide", str(ckpt), str(slide_path), "--out",
+           str(tmp_path), "--batch-size", "1", "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(histoclass.__file__).parents[1])}
+    tiles = tmp_path / "case1" / "tiles.csv"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if tiles.exists() and tiles.read_bytes().count(b"\n") > 10:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = tiles.read_bytes().count(b"\n") - 1
+    assert 10 <= killed_at < len(full) and not (tmp_path / "case1" / "summary.json").exists()
+    subprocess.run(cmd[:-4], env=env, check=True, capture_output=True)  # default batch size
+    summary = json.loads((tmp_path / "case1" / "summary.json").read_text())
+    assert summary["resumed_tiles"] >= 10 and summary["scored_now"] == len(full) - summary[
+        "resumed_tiles"]
+    again = pd.read_csv(tiles).sort_values(["row", "col"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(again, full, check_exact=False, atol=1e-6)
