@@ -156,7 +156,8 @@ def test_bad_slides_get_one_line_and_the_rest_complete(tmp_path, good, clf, tiss
     reasons = dict(skipped)
     assert reasons[str(bad["notes"])] == ("not a slide OpenSlide can read (unsupported format "
                                           "or not a slide file)")
-    assert str(bad["trunc"]) in reasons and "\n" not in reasons[str(bad["trunc"])]
+    assert reasons[str(bad["trunc"])] == ("a TIFF file OpenSlide cannot open (truncated, "
+                                          "corrupt, or not tiled)")
     assert reasons[str(bad["blank"])].startswith("no tissue found")
     assert reasons[str(bad["nompp"])].startswith("the slide records no microns per pixel")
     assert reasons[str(tmp_path / "missing.svs")] == "no such file or folder"
@@ -166,14 +167,13 @@ def test_bad_slides_get_one_line_and_the_rest_complete(tmp_path, good, clf, tiss
 
 
 def test_truncated_slide_read_error_names_the_file(tmp_path, tissue_image, clf):
-    # Keep the header and IFDs (written last by tifffile? no: first page's data precede them),
-    # so corrupt the tile data in place: the slide opens and a tile read fails.
+    # Zero the tile data in place, keeping the header and directories: the slide opens and
+    # the first read of a tile fails.
     path = write_slide(tmp_path / "corrupt.tiff", tissue_image, mpp=0.5)
     data = bytearray(path.read_bytes())
     data[4096:len(data) // 2] = b"\x00" * (len(data) // 2 - 4096)
     path.write_bytes(bytes(data))
-    with pytest.raises(SlideError, match=r"corrupt.tiff: (cannot read level|unreadable slide|no "
-                                         r"tissue)"):
+    with pytest.raises(SlideError, match=r"corrupt.tiff: cannot read level \d at \(\d+, \d+\): "):
         predict_slide(clf, path, tmp_path / "out")
 
 

@@ -161,12 +161,16 @@ def analyse_slide(name: str | None, alpha: float, clf: Model, slides: Path, out:
                 else str(p), p.stem) for p in top]
     text = (f"### {html.escape(s['slide'])}\n**Verdict: {str(s['verdict']).upper()}** "
             f"(mean p(malignant) of the top {s['top_k']} tiles "
-            f"{s['top_k_mean_p_malignant']:.3f}; {s['tiles_scored']} tissue tiles, "
+            f"{_num(s['top_k_mean_p_malignant'])}; {s['tiles_scored']} tissue tiles, "
             f"{s['tissue']['area_mm2']:.2f} mm^2)" + (" — **refer to a pathologist**: "
                                                       + "; ".join(s["refer_reasons"])
                                                       if s["refer"] else "")
             + f"\n\nRule: {s['verdict_rule']}.")
     return text, overlay_of(folder, alpha), gallery, s
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def slide_tab(clf: Model, slides: Path, out: Path) -> None:

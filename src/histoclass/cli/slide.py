@@ -57,7 +57,7 @@ def slide(
         folder = out / Path(s["slide"]).stem
         top = s["top_k_mean_p_malignant"]
         typer.echo(f"{s['slide']}: {s['verdict']} (top-{s['top_k']} mean p(malignant) "
-                   f"{top:.3f}, {s['tiles_scored']} tissue tiles, "
+                   f"{'n/a' if top is None else f'{top:.3f}'}, {s['tiles_scored']} tissue tiles, "
                    f"{s['tissue']['area_mm2']:.2f} mm^2{', REFER' if s['refer'] else ''}); "
                    f"wrote {folder}/ (tiles.csv, heatmap.png, heatmap.npy, slide.geojson, "
                    "summary.json, mask.png, thumbnail.png)")

@@ -71,6 +71,9 @@ class Slide:
         try:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError:
+            if _is_tiff(self.path):
+                raise SlideError(f"{self.path}: a TIFF file OpenSlide cannot open (truncated, "
+                                 "corrupt, or not tiled)") from None
             raise SlideError(f"{self.path}: not a slide OpenSlide can read (unsupported format "
                              "or not a slide file)") from None
         except (openslide.OpenSlideError, OSError) as exc:
@@ -181,6 +184,13 @@ class Slide:
                 "mpp_source": self.mpp_source, "vendor": self.vendor,
                 "levels": [{"width": lv.width, "height": lv.height,
                             "downsample": lv.downsample} for lv in self.levels]}
+
+
+def _is_tiff(path: Path) -> bool:
+    """Starts like a TIFF or BigTIFF (SVS, NDPI and most slide formats are TIFFs)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
 def _on_white(rgba: np.ndarray) -> np.ndarray:

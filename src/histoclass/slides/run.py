@@ -179,6 +179,8 @@ def predict_slide(clf: Classifier, path: str | Path, out: str | Path,
         key = done["row"].astype(int) * grid.cols + done["col"].astype(int)
         todo = cand[~(cand["row"] * grid.cols + cand["col"]).isin(set(key))]
         todo = todo.reset_index(drop=True)
+        if len(todo):  # an earlier summary no longer describes this folder
+            (folder / "summary.json").unlink(missing_ok=True)
         t_score = time.perf_counter()
         bar = tqdm(total=len(cand), initial=len(cand) - len(todo), unit="tile", desc=path.stem,
                    disable=None if opts.progress else True)
