@@ -209,7 +209,8 @@ def test_gradio_bound_admits_only_versions_with_what_app_passes():
                 if s.startswith("gradio"))
     assert not spec.specifier.contains("5.49.1") and spec.specifier.contains("6.0.0")
     assert Version(gradio.__version__) in spec.specifier
-    tree = ast.parse((ROOT / "src" / "histoclass" / "app.py").read_text())
+    app_files = sorted((ROOT / "src" / "histoclass" / "app").glob("*.py"))
+    tree = ast.parse("\n".join(p.read_text() for p in app_files))
     passed = {k.arg for n in ast.walk(tree) if isinstance(n, ast.Call)
               and getattr(n.func, "attr", "") == "launch" for k in n.keywords}
     accepted = set(inspect.signature(gradio.Blocks.launch).parameters)

@@ -14,7 +14,8 @@ LAYERS = [
     {"histoclass.data", "histoclass.stain", "histoclass.metrics", "histoclass.evidence"},
     {"histoclass.models"},
     {"histoclass.predict", "histoclass.explain"},
-    {"histoclass.train", "histoclass.evaluate", "histoclass.report", "histoclass.deploy"},
+    {"histoclass.train", "histoclass.evaluate", "histoclass.report", "histoclass.deploy",
+     "histoclass.slides"},
     {"histoclass.pipeline", "histoclass.api", "histoclass.preflight"},
     {"histoclass.cli", "histoclass.app", "histoclass.__main__"},
 ]

@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from histoclass.data.breakhis import SUBTYPE_LABEL
-from histoclass.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, _to_rgb, load_rgb
+from histoclass.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, to_rgb_image
 from histoclass.models import Classifier, Ensemble, Scores, load_model_file, resolve_device
 from histoclass.models.classifier import concat_scores
 from histoclass.predict import NONFINITE, nonfinite, score_frame
@@ -92,30 +92,6 @@ class Explained:
     prediction: Prediction
     target: str
     member_overlays: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def to_rgb_image(item: ImageLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Any accepted image input as an 8-bit RGB PIL image.
-
-    Raises:
-        ImageLoadError: A file that cannot be read (the message names it).
-        ValueError: An array that is not ``HxW`` or ``HxWx3``/``HxWx4`` uint8.
-        TypeError: Anything else.
-    """
-    if isinstance(item, str | Path):
-        return load_rgb(item, max_pixels)
-    if isinstance(item, np.ndarray):
-        if item.dtype != np.uint8 or item.ndim not in (2, 3) or (
-                item.ndim == 3 and item.shape[2] not in (3, 4)):
-            raise ValueError(f"image array must be HxWx3 (or HxW, HxWx4) uint8, got shape "
-                             f"{item.shape} dtype {item.dtype}")
-        item = Image.fromarray(np.ascontiguousarray(item))
-    if isinstance(item, Image.Image):
-        if item.width * item.height > max_pixels:
-            raise ValueError(f"image too large: {item.width}x{item.height} pixels > limit "
-                             f"{max_pixels}")
-        return _to_rgb(item)
-    raise TypeError(f"expected an image path, PIL image or uint8 array, got {type(item).__name__}")
 
 
 def _name(item: ImageLike, i: int) -> str:
@@ -227,6 +203,23 @@ class Model:
         frame["error"] = [e or (o if isinstance(o, str) else "") for e, o in
                           zip(errors, output_errors, strict=True)]
         return frame
+
+    def predict_slide(self, slide: str | Path, out: str | Path = "slide-results",
+                      on_progress: Any = None, **options: Any) -> dict[str, Any]:
+        """Score a whole slide into ``out/<slide stem>/`` (heat map, ``tiles.csv``, GeoJSON,
+        ``summary.json``: :func:`histoclass.slides.predict_slide`) and return its summary.
+
+        Args:
+            slide: Slide file (needs the ``slides`` extra).
+            out: Parent folder of the slide's result folder.
+            on_progress: Called with ``(tiles done, tissue tiles)`` after every batch.
+            options: :class:`histoclass.slides.SlideOptions` fields (``mpp``, ``model_mpp``,
+                ``min_tissue``, ``overlap``, ``batch_size``, ``explain_top``, ...).
+        """
+        from histoclass.slides import SlideOptions, predict_slide
+
+        return predict_slide(self.classifier, slide, out, SlideOptions(**options),
+                             on_progress=on_progress, lock=self._lock)
 
     def explain(self, image: ImageLike, method: str = "gradcam", target: str = "predicted",
                 alpha: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Explained:

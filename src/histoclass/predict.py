@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -68,15 +68,18 @@ def load_prepared(path: str, preparation: Preparation) -> list[Any] | str:
         return f"{type(exc).__name__}: {exc}"
 
 
-def prepared_batches(paths: Sequence[str], preparation: Preparation, batch_size: int = 16,
+def prepared_batches(paths: Sequence[Any], preparation: Preparation, batch_size: int = 16,
                      workers: int = 2, executor: str = "thread", progress: bool = False,
-                     desc: str = "predict"
+                     desc: str = "predict",
+                     loader: Callable[[Any, Preparation], list[Any] | str] = load_prepared,
                      ) -> Iterator[tuple[list[int], list[list[Any]], list[tuple[str, str]]]]:
     """``(rows, prepared items, skipped (path, reason))`` per batch, in path order.
 
     ``workers`` threads (or processes) decode ahead: two batches are in flight while the
     caller runs the current one (PyTorch and ONNX Runtime release the GIL), so on a folder of
     PNGs a run is limited by decoding, not by the network. ``workers=0`` decodes inline.
+    ``loader(item, preparation)`` returns the prepared item or why it cannot be used (the
+    slide engine passes tiles and a region reader instead of paths and :func:`load_prepared`).
     """
     from tqdm.auto import tqdm
 
@@ -92,8 +95,8 @@ def prepared_batches(paths: Sequence[str], preparation: Preparation, batch_size:
 
     def fill() -> None:
         for i, p in todo:
-            pending.append((i, pool.submit(load_prepared, p, preparation) if pool
-                            else load_prepared(p, preparation)))
+            pending.append((i, pool.submit(loader, p, preparation) if pool
+                            else loader(p, preparation)))
             if len(pending) >= ahead:
                 return
 

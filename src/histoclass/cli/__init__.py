@@ -12,7 +12,18 @@ import logging
 import typer
 from typer.core import TyperCommand
 
-from histoclass.cli import data, evaluate, explain, pipeline, predict, publish, serve, stain, train
+from histoclass.cli import (
+    data,
+    evaluate,
+    explain,
+    pipeline,
+    predict,
+    publish,
+    serve,
+    slide,
+    stain,
+    train,
+)
 from histoclass.cli._common import Command, Group
 
 app = typer.Typer(
@@ -24,7 +35,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     cls=Group,
 )
-for _module in (data, stain, train, predict, explain, evaluate, serve, publish, pipeline):
+for _module in (data, stain, train, predict, explain, evaluate, serve, publish, pipeline, slide):
     _module.register(app)
 for _info in app.registered_commands:  # every command, whoever registered it
     if _info.cls in (None, TyperCommand):  # Typer's default

@@ -57,6 +57,10 @@ def serve(
     max_images: int = typer.Option(16, help="Most images per request."),
     concurrency: int = typer.Option(2, help="Requests processed at once (the rest queue)."),
     explain: bool = typer.Option(True, help="Show Grad-CAM overlays (PyTorch models)."),
+    slides: Path = typer.Option(None, help="Folder of whole slides for the Slide tab (the page "
+                                "opens only the slides in it)."),
+    slides_out: Path = typer.Option(None, help="Where the Slide tab writes results (default: "
+                                    "histoclass-slides in the temporary directory)."),
 ) -> None:
     """Serve the web demo for MODEL (needs gradio: the optional 'demo' extra)."""
     try:
@@ -71,8 +75,10 @@ def serve(
     with user_errors():
         if not (model.exists() or is_model_ref(model)):
             raise FileNotFoundError(f"model file {model} does not exist")
+        if slides is not None and not slides.is_dir():
+            raise FileNotFoundError(f"--slides folder {slides} does not exist")
         run_app(model, host, port, limits=Limits(max_mb, max_pixels, max_images),
-                concurrency=concurrency, explain=explain)
+                concurrency=concurrency, explain=explain, slides=slides, slides_out=slides_out)
 
 
 def register(app: typer.Typer) -> None:

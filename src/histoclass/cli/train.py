@@ -80,6 +80,9 @@ def train(
     hed_jitter: float = typer.Option(0.0, help="HED stain jitter sigma (augmentation)."),
     stain: StainMethod | None = typer.Option(None, help="Stain normalisation (default: none)."),
     stain_target: Path = typer.Option(None, help="Target image for --stain."),
+    train_mpp: float = typer.Option(
+        None, help="Microns per pixel of the training images, stored in the checkpoint for "
+        "`histoclass slide` (default: BreakHis's value when training on one magnification)."),
     seed: int = typer.Option(0, help="Seed for initialisation, order and augmentation."),
     device: str = device_option(),
     amp: Amp = typer.Option("auto", help="Mixed precision: auto is bf16/fp16 on GPU, off on "
@@ -109,7 +112,8 @@ def train(
         freeze_bn=freeze_bn, warmup_epochs=warmup_epochs, schedule=schedule, patience=patience,
         balance=balance, label_smoothing=label_smoothing, select=select,
         color_jitter=color_jitter, hed_jitter=hed_jitter, stain=stain,
-        stain_target=str(stain_target) if stain_target else None, seed=seed, device=device,
+        stain_target=str(stain_target) if stain_target else None, train_mpp=train_mpp,
+        seed=seed, device=device,
         amp=amp, channels_last=channels_last, workers=workers,
         cache_dir=None if cache_dir == "off" else cache_dir, resume=resume,
     )

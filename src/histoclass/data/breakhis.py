@@ -157,3 +157,19 @@ def describe_path(path: str | Path, root: str | Path | None = None) -> dict[str,
         if found is not None:
             return {"label": found[0], "subtype": found[1]}
     return None
+
+
+# Microns per pixel of BreakHis images, derived from the acquisition that Spanhol et al. 2016
+# describe (IEEE TBME 63(7):1455-1462, "A Dataset for Breast Cancer Histopathological Image
+# Classification"): an Olympus BX-50 microscope with a 3.3x relay lens and a Samsung SCC-131AN
+# camera whose 1/3" CCD has 6.5 x 6.25 um pixels (752 x 582); the magnifications 40X, 100X,
+# 200X and 400X are the objectives 4x, 10x, 20x and 40x with a 10x ocular. On the specimen one
+# camera pixel therefore spans 6.5 / (3.3 x objective) um horizontally (vertically 6.25 / ...,
+# 4% less; we use the horizontal value). This assumes the 700 x 460 images are crops of the
+# sensor grid, not resampled (the paper gives no resampling step). BreakHis "40X" is the eyepiece
+# magnification: ~0.49 um/px is a scanner's "20x" level, not its "40x" (~0.25 um/px).
+CAMERA_PIXEL_UM = 6.5
+RELAY_LENS = 3.3
+OBJECTIVE: dict[str, int] = {"40X": 4, "100X": 10, "200X": 20, "400X": 40}
+MPP: dict[str, float] = {mag: round(CAMERA_PIXEL_UM / (RELAY_LENS * obj), 4)
+                         for mag, obj in OBJECTIVE.items()}

@@ -164,3 +164,29 @@ def inspect_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
 def to_array(img: Image.Image) -> np.ndarray:
     """A PIL RGB image as a contiguous ``HxWx3`` uint8 array."""
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def to_rgb_image(item: str | Path | Image.Image | np.ndarray,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Any image a caller may hand over (a file path, a PIL image, an ``HxW``/``HxWx3``/
+    ``HxWx4`` uint8 array) as an 8-bit RGB PIL image.
+
+    Raises:
+        ImageLoadError: A file that cannot be read (the message names it).
+        ValueError: An array that is not ``HxW`` or ``HxWx3``/``HxWx4`` uint8.
+        TypeError: Anything else.
+    """
+    if isinstance(item, str | Path):
+        return load_rgb(item, max_pixels)
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim not in (2, 3) or (
+                item.ndim == 3 and item.shape[2] not in (3, 4)):
+            raise ValueError(f"image array must be HxWx3 (or HxW, HxWx4) uint8, got shape "
+                             f"{item.shape} dtype {item.dtype}")
+        item = Image.fromarray(np.ascontiguousarray(item))
+    if isinstance(item, Image.Image):
+        if item.width * item.height > max_pixels:
+            raise ValueError(f"image too large: {item.width}x{item.height} pixels > limit "
+                             f"{max_pixels}")
+        return _to_rgb(item)
+    raise TypeError(f"expected an image path, PIL image or uint8 array, got {type(item).__name__}")

@@ -128,7 +128,19 @@ def metadata_of(ens: Ensemble, module: ExportModule, quantization: str = "none")
         "refer_threshold": str(float(ens.refer_threshold)), "output": "probabilities",
         "input": "uint8-nhwc" if module.uint8_input else "float32-nchw-normalised",
         "quantization": quantization, "histoclass_version": __version__,
+        "resolution": json.dumps(_resolution(ens)),
     }
+
+
+def _resolution(ens: Ensemble) -> dict | None:
+    """The members' shared training resolution for the metadata; ``None`` (with a warning)
+    when unknown or when members disagree (the export still serves fields of view)."""
+    try:
+        r = ens.resolution
+    except ValueError as exc:
+        log.warning("%s; the export records no resolution", exc)
+        return None
+    return None if r is None else r.to_dict()
 
 
 def export_module(module: nn.Module, x: torch.Tensor, out: Path, outputs: list[str]) -> None:

@@ -22,6 +22,7 @@ from histoclass.data.images import ImageLoadError
 from histoclass.data.transforms import Preprocess
 from histoclass.models.checkpoint import load_reason, stain_of
 from histoclass.models.classifier import Preparation, Scores
+from histoclass.models.resolution import Resolution
 from histoclass.predict import Outputs, load_prepared, run
 
 
@@ -96,6 +97,7 @@ class OnnxClassifier:
                 or not isinstance(self._members, list)):
             raise ValueError(f"{self.path}: histoclass metadata classes {self.classes!r} / "
                              f"members {self._members!r}: need lists of names")
+        self._resolution = Resolution.from_dict(_field(meta, "resolution", self.path, "null"))
         # Current exports take the decoded uint8 NHWC image and normalise inside the
         # graph; older (or uint8_input=False) exports take normalised float32 NCHW.
         self.uint8_input = self.session.get_inputs()[0].type == "tensor(uint8)"
@@ -122,13 +124,19 @@ class OnnxClassifier:
         """Stain, then resize to the graph's input size (the graph normalises)."""
         return Preparation(((self.preprocess, self.stain),), normalize=False)
 
+    @property
+    def resolution(self) -> Resolution | None:
+        """The training resolution stored in the metadata at export (``None``: unknown)."""
+        return self._resolution
+
     def describe(self) -> dict[str, Any]:
         """Preprocessing, stain, members and quantisation from the file's metadata."""
         return {"method": self.method, "classes": self.classes, "task": self.task,
                 "members": [{"name": n} for n in self._members],
                 "preprocess": self.preprocess.to_dict(),
                 "stain": json.loads(self.meta.get("stain", "null")),
-                "quantization": self.meta.get("quantization", "none"), "backend": "onnx"}
+                "quantization": self.meta.get("quantization", "none"), "backend": "onnx",
+                "resolution": json.loads(self.meta.get("resolution", "null"))}
 
     def predict_prepared(self, items: Sequence[list[np.ndarray]], tta: bool = False) -> Scores:
         """Scores for items of :attr:`preparation`.

@@ -9,7 +9,9 @@ name given, e.g. ``v2-b0``), ``timm_name``, ``num_classes``, ``classes``, ``task
 (``binary``/``subtype``), ``drop_rate``, ``preprocess`` (see
 :class:`histoclass.data.transforms.Preprocess`), ``stain`` (fitted normaliser or ``None``),
 ``config`` (training settings), ``history`` (per-epoch rows), ``metrics`` (best validation
-metrics), ``histoclass_version``.
+metrics), ``histoclass_version``; optionally ``train_mpp`` (microns per pixel of the training
+images, ``None``: unknown) and ``train_field`` (``[w, h]`` pixels one input covers; see
+:mod:`histoclass.models.resolution`).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from histoclass.data.transforms import Preprocess
+from histoclass.models.resolution import Resolution
 
 # A fitted stain normaliser (histoclass.stain): uint8 HxWx3 RGB in, same shape out.
 StainFn = Callable[[np.ndarray], np.ndarray]
@@ -110,6 +111,16 @@ class Classifier(Protocol):
     @property
     def preparation(self) -> Preparation:
         """What a decoding worker applies to each image before :meth:`predict_prepared`."""
+
+    @property
+    def resolution(self) -> Resolution | None:
+        """What one input covers on the specimen (microns per pixel of the training images and
+        the field), ``None`` when the model does not record it
+        (:mod:`histoclass.models.resolution`).
+
+        Raises:
+            ValueError: An ensemble whose members disagree.
+        """
 
     def describe(self) -> dict[str, Any]:
         """Preprocessing, stain normaliser and members in plain types (for reports and files)."""

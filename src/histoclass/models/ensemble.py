@@ -40,6 +40,7 @@ from histoclass.models.classifier import Preparation, Scores
 from histoclass.models.concat import ConcatHead, features_and_logits
 from histoclass.models.members import Member, load_member, member_names
 from histoclass.models.published import published_folder, read_published
+from histoclass.models.resolution import Resolution, agreed, of_meta
 from histoclass.models.voting import METHODS, combine, dihedral, disagreement, stack_features
 
 __all__ = [
@@ -107,12 +108,20 @@ class Ensemble:
         """Each member's stain -> resize -> normalise (members differ in input size)."""
         return Preparation(tuple((m.preprocess, m.stain) for m in self.members))
 
+    @property
+    def resolution(self) -> Resolution | None:
+        """The members' shared training resolution (see :func:`models.resolution.agreed`)."""
+        return agreed([(m.name, of_meta(m.meta)) for m in self.members], "ensemble"
+                      if self.is_ensemble else self.members[0].name)
+
     def describe(self) -> dict[str, Any]:
         """Members, their preprocessing and stain normalisers, in plain types."""
         return {"method": self.method, "classes": self.classes, "task": self.task,
                 "members": [{"name": m.name, "arch": m.meta.get("arch", ""),
                              "preprocess": m.preprocess.to_dict(),
-                             "stain": m.meta.get("stain")} for m in self.members]}
+                             "stain": m.meta.get("stain"),
+                             "resolution": (r.to_dict() if (r := of_meta(m.meta)) else None)}
+                            for m in self.members]}
 
     def predict_prepared(self, items: Sequence[list[torch.Tensor]], tta: bool = False) -> Scores:
         """Scores for items of :attr:`preparation`; ``tta`` averages the 8 dihedral views."""

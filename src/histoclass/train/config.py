@@ -37,6 +37,8 @@ class TrainConfig:
     frozen when starting from ImageNet weights, trained from random initialisation (frozen
     random statistics would leave the network unnormalised). ``batch_size`` is the global
     batch, split evenly over processes under ``torchrun``. ``patience`` 0 disables early stopping.
+    ``train_mpp`` (microns per pixel of the training images) ``None`` means the BreakHis value of
+    the training rows' one magnification, or unknown (see :meth:`RunData.resolution`).
     """
 
     manifest: str
@@ -65,6 +67,7 @@ class TrainConfig:
     hed_jitter: float = 0.0
     stain: str | None = None
     stain_target: str | None = None
+    train_mpp: float | None = None
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
@@ -87,6 +90,8 @@ class TrainConfig:
                              f"must be in [0, {self.epochs})")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
+        if self.train_mpp is not None and not self.train_mpp > 0:
+            raise ValueError(f"--train-mpp {self.train_mpp}: microns per pixel must be > 0")
         if bool(self.stain) != bool(self.stain_target):
             raise ValueError("--stain METHOD and --stain-target IMAGE go together")
 

@@ -7,6 +7,7 @@ augmentation seeds come from (seed, epoch), so a resumed run replays the epochs 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -169,6 +170,32 @@ class RunData:
         self.sample_weights = weights[targets].tolist() if cfg.balance == "sampler" else None
         log.info("train %d images, val %d images; classes %s", len(self.train_rows),
                  len(self.val_rows), list(self.classes))
+
+    @functools.cached_property
+    def resolution(self) -> dict[str, Any]:
+        """``train_mpp`` and ``train_field`` for the checkpoint: what one input covers.
+
+        The images are squashed whole to the input size, so the field is their (median) size.
+        ``train_mpp`` is ``--train-mpp``, else the BreakHis value of the training rows' single
+        magnification (:data:`histoclass.data.breakhis.MPP`), else unknown (``None``): a model
+        trained on several magnifications has no one resolution for slides.
+        """
+        from histoclass.data.breakhis import MPP
+
+        rows, mpp = self.train_rows, self.cfg.train_mpp
+        mags = sorted(set(rows["magnification"]) - {""}) if "magnification" in rows else []
+        if mpp is None and len(mags) == 1 and mags[0] in MPP:
+            mpp = MPP[mags[0]]
+            log.info("training resolution %g um/px (BreakHis %s)", mpp, mags[0])
+        elif mpp is None:
+            log.warning("training resolution unknown (magnifications %s): pass --train-mpp so "
+                        "that `histoclass slide` can read slides at this model's resolution",
+                        mags or "not recorded")
+        if {"width", "height"} <= set(rows.columns) and (rows["width"] != "").all():
+            field = [int(np.median(rows[c].astype(int))) for c in ("width", "height")]
+        else:
+            field = list(load_rgb(rows["path"].iloc[0]).size)
+        return {"train_mpp": mpp, "train_field": field}
 
     def make_datasets(self, pre: Preprocess) -> None:
         """Build datasets and loaders once the model's preprocessing is known."""

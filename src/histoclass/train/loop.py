@@ -211,7 +211,8 @@ def _write_epoch(run: _Run, cfg: TrainConfig, row: dict[str, Any], improved: boo
         return models.member_meta(cfg.model, run.timm_name, run.data.classes, run.pre,
                                   task=cfg.task, drop_rate=cfg.drop_rate,
                                   stain=run.data.stain_meta, config=asdict(cfg),
-                                  fingerprint=run.fingerprint, history=run.history, **extra)
+                                  fingerprint=run.fingerprint, history=run.history,
+                                  **run.data.resolution, **extra)
 
     if improved:
         save_checkpoint(run.out / "best.pt", run.model, meta_of(metrics=run.best, epoch=epoch))

@@ -1,9 +1,7 @@
-"""The web page: upload H&E fields, read a table of verdicts, open a field to see it beside its
-Grad-CAM heat map.
+"""The web page's tab for fields of view: upload H&E fields, read a table of verdicts, open a
+field to see it beside its Grad-CAM heat map.
 
-A leaf module (only ``histoclass serve`` imports it). The model is loaded once; requests go
-through Gradio's queue and the :class:`~histoclass.api.Model` lock, so concurrent users
-never share state: every request builds its answer from its own files only. Bad uploads
+Every request builds its answer from its own files only. Bad uploads
 (not an image, corrupt, too many megabytes or pixels) get a one-line message, never a trace.
 
 One row per image (name, verdict, p(malignant), refer, why) opens onto the whole field and its
@@ -26,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from histoclass.api import Model, Prediction, load, to_rgb_image
-from histoclass.data.images import ImageLoadError
+from histoclass.api import Model, Prediction
+from histoclass.data.images import ImageLoadError, to_rgb_image
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline, private by default
@@ -255,45 +253,3 @@ def fields_tab(clf: Model, limits: Limits, explain: bool, band: tuple[float, flo
     opacity.input(None, inputs=[opacity], outputs=None, js=_OPACITY_JS)
     run.click(lambda f: analyse(f, clf, limits, explain, band), inputs=[files],
               outputs=[note, results, details], api_name="classify")
-
-
-def build(model: str | Path | Model, limits: Limits = Limits(), explain: bool = True,
-          band: tuple[float, float] = UNCERTAIN_BAND) -> Any:
-    """The Gradio ``Blocks`` app for ``model`` (loaded once, here): one page, one tab per kind
-    of input. A further tab is one ``with gr.Tab(...)`` line and a function like
-    :func:`fields_tab`."""
-    import gradio as gr
-
-    clf = model if isinstance(model, Model) else load(model)
-    kind = (f"ensemble of {len(clf.member_names)} ({', '.join(clf.member_names)})"
-            if clf.is_ensemble else clf.member_names[0])
-    why_not = cam_available(clf) if explain else "Heat maps are switched off on this server."
-    with gr.Blocks(title="histoclass") as demo:
-        gr.Markdown(
-            "# histoclass: breast histopathology classifier\n"
-            f"Model: **{kind}**, classes: {', '.join(clf.classes)} ({clf.backend}). Research "
-            "use only: not a diagnosis. A result is **uncertain** (refer to a pathologist) when "
-            f"p(malignant) is between {band[0]:.0%} and {band[1]:.0%}"
-            + (f", or when the members disagree by more than {clf.refer_threshold:.2f}"
-               if clf.is_ensemble else "")
-            + f". Limits: {limits.max_mb:g} MB and {limits.max_pixels / 1e6:g} MP per image, "
-            f"{limits.max_images} images per request." + (f" _{why_not}_" if why_not else ""),
-            elem_id="about")
-        with gr.Tabs(elem_id="tabs"):  # noqa: SIM117 (further tabs go beside this one)
-            with gr.Tab("Fields of view", id="fields"):
-                fields_tab(clf, limits, explain, band)
-    return demo
-
-
-def serve(model: str | Path, host: str = "127.0.0.1", port: int = 7860, *,
-          limits: Limits = Limits(), concurrency: int = 2, explain: bool = True) -> None:
-    """Build the app and serve it until interrupted."""
-    import gradio as gr
-
-    demo = build(model, limits, explain)
-    demo.queue(default_concurrency_limit=concurrency, max_size=64)
-    log.info("serving %s on http://%s:%d", model, host, port)
-    demo.launch(server_name=host, server_port=port, ssr_mode=False, show_error=False,
-                quiet=True, max_file_size=int(4 * limits.max_mb * 1e6), footer_links=["api"],
-                css=CSS.read_text(encoding="utf-8"),
-                theme=gr.themes.Default(font=FONTS, font_mono=MONO))
