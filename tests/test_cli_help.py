@@ -49,12 +49,14 @@ def test_choices_are_listed_and_match_the_library():
     from histoclass.explain import METHODS as CAM
     from histoclass.models.members import FAMILIES
     from histoclass.models.voting import METHODS as ENSEMBLE
+    from histoclass.slides.engine import ENGINES
     from histoclass.stain import METHODS as STAIN
     from histoclass.train.config import CHOICES
 
     of = common.choices_of
     assert of(common.Protocol) == PROTOCOLS and of(common.Backend) == BACKENDS
     assert of(common.CamMethod) == tuple(CAM) and of(common.EnsembleMethod) == ENSEMBLE
+    assert of(common.Engine) == ENGINES
     assert of(common.StainMethod) == STAIN and set(of(common.Preset)) == set(FAMILIES)
     for name in ("task", "schedule", "balance", "select", "amp"):
         assert of(getattr(common, name.capitalize())) == CHOICES[name]

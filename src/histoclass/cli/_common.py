@@ -30,6 +30,7 @@ CamMethod = Literal["gradcam", "gradcam++", "hirescam", "eigencam", "layercam"]
 EnsembleMethod = Literal["soft", "weighted", "hard", "stack", "concat"]
 Preset = Literal["v1", "v2", "all"]
 Backend = Literal["torch", "onnx"]
+Engine = Literal["local", "ray"]
 # What an error calls a bad value of each (by default the option's name).
 NOUNS = {Select: "selection score", Amp: "AMP mode", StainMethod: "stain method",
          CamMethod: "CAM method", EnsembleMethod: "ensemble method"}

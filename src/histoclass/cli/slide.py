@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from histoclass.cli._common import user_errors
+from histoclass.cli._common import Engine, fail, user_errors
 
 
 def slide(
@@ -72,6 +72,53 @@ def slide(
         raise typer.Exit(1)
 
 
+def slides(
+    model: Path = typer.Argument(..., help="Member checkpoint, ensemble file or .onnx export."),
+    slides_in: Path = typer.Argument(..., metavar="SLIDES", help="A folder of slides, or a CSV "
+                                     "with a path column (optional patient_id, mpp)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: <slide stem>/ per slide (as "
+                             "histoclass slide writes) and the run manifest slides.csv."),
+    engine: Engine = typer.Option("local", help="local (a process pool here) or ray."),
+    address: str = typer.Option(None, help="Ray cluster to join (auto, ray://HOST:10001); "
+                                "default: start a local Ray."),
+    workers: int = typer.Option(1, help="Worker processes or Ray actors (one model each)."),
+    gpus_per_worker: float = typer.Option(0.0, help="GPUs per Ray actor (0: CPU actors)."),
+    mpp: float = typer.Option(None, help="Level-0 microns per pixel for slides that do not "
+                              "record it."),
+    model_mpp: float = typer.Option(None, help="Microns per pixel of the model's training "
+                                    "images, for models that do not record it."),
+    batch_size: int = typer.Option(16, help="Tiles per forward pass."),
+    backend: str = typer.Option("torch", help="torch | onnx (MODEL is then a .onnx export)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1... (torch backend)."),
+) -> None:
+    """Score many slides on a local process pool or Ray; a rerun skips the finished ones."""
+    from functools import partial
+
+    from histoclass.api import open_classifier
+    from histoclass.models import CheckpointError
+    from histoclass.slides import SlideOptions
+    from histoclass.slides.engine import run_slides
+
+    opts = SlideOptions(mpp=mpp, model_mpp=model_mpp, batch_size=batch_size, workers=1)
+    with user_errors(CheckpointError):
+        if engine == "ray":
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                fail("--engine ray needs Ray: pip install 'histoclass[ray]'")
+        open_classifier(model, backend, "cpu")  # a bad model is one error, before any worker
+        table = run_slides(partial(open_classifier, model, backend, device), slides_in, out,
+                           engine, workers, address, gpus_per_worker, opts,
+                           on_row=lambda r: typer.echo(f"{r['path']}: {r['status']} "
+                                                       f"{r.get('reason') or ''}".rstrip()))
+    counts = table["status"].value_counts().to_dict()
+    typer.echo(f"wrote {out / 'slides.csv'} ({', '.join(f'{n} {k}' for k, n in counts.items())})")
+    if not counts.get("done") and not counts.get("skipped"):
+        typer.secho("error: no slide could be scored", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the CLI."""
     app.command()(slide)
+    app.command()(slides)

@@ -1,0 +1,257 @@
+"""Many slides on many workers: a local process pool or Ray actors, one model per worker.
+
+``run_slides(open_model, slides, out, engine="local"|"ray")`` scores each slide with
+:func:`~histoclass.slides.run.predict_slide` (the same files in ``OUT/<stem>/`` as
+``histoclass slide``) and keeps a run manifest ``OUT/slides.csv`` (:data:`COLUMNS`: status
+``done``, ``failed`` with a one-line reason, or ``skipped`` when an earlier run finished it),
+rewritten atomically after every slide, so a rerun does only what is left and one bad slide never
+loses another's results. On Ray each actor loads the model once; an actor that dies is restarted
+and its slide retried (``max_restarts`` / ``max_task_retries``), resuming from the tiles it had
+written. ``open_model`` is a picklable no-argument callable returning a
+:class:`~histoclass.models.classifier.Classifier` (e.g. ``functools.partial`` of
+``histoclass.api.open_classifier``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from histoclass.slides.batch import expand_slides
+from histoclass.slides.reader import SlideError
+from histoclass.slides.run import SlideOptions, predict_slide
+
+log = logging.getLogger(__name__)
+ENGINES = ("local", "ray")
+COLUMNS = ("slide", "path", "patient_id", "status", "reason", "verdict",
+           "top_k_mean_p_malignant", "tiles", "seconds", "worker")
+RETRIES = 3  # restarts of a dead Ray actor, and retries of the slide it was scoring
+# Test hook: "STEM:MARKER" makes the worker scoring slide STEM exit after its first batch, once
+# (the MARKER file records that it happened), to check that a killed worker is retried.
+CRASH_ENV = "HISTOCLASS_CRASH_ONCE"
+
+
+def read_slides(slides: str | Path) -> list[dict[str, Any]]:
+    """SLIDES (a folder, searched recursively, or a CSV with ``path`` and optional
+    ``patient_id``, ``mpp``; relative paths are relative to the CSV) -> one dict per slide.
+
+    Raises:
+        ValueError: SLIDES is neither, or the CSV has no ``path`` column.
+    """
+    slides = Path(slides)
+    if slides.is_dir():
+        paths, _ = expand_slides([slides])
+        return [{"path": p, "patient_id": None, "mpp": None} for p in paths]
+    if not (slides.is_file() and slides.suffix.lower() == ".csv"):
+        raise ValueError(f"{slides}: SLIDES must be a folder of slides or a CSV with a 'path' "
+                         "column (optional patient_id, mpp)")
+    table = pd.read_csv(slides, dtype={"patient_id": str})
+    if "path" not in table.columns:
+        raise ValueError(f"{slides}: no 'path' column (has {', '.join(map(str, table.columns))})")
+    rows = []
+    for rec in table.to_dict("records"):
+        path = Path(str(rec["path"]))
+        mpp = rec.get("mpp")
+        pid = rec.get("patient_id")
+        rows.append({"path": path if path.is_absolute() else slides.parent / path,
+                     "patient_id": None if pd.isna(pid) else str(pid),
+                     "mpp": None if mpp is None or pd.isna(mpp) else float(mpp)})
+    return rows
+
+
+def _crash_hook(stem: str) -> Callable[[int, int], None] | None:
+    spec = os.environ.get(CRASH_ENV, "")
+    target, _, marker = spec.partition(":")
+    if not spec or target != stem or Path(marker).exists():
+        return None
+
+    def crash(done: int, total: int) -> None:
+        if done < total:
+            Path(marker).write_text(f"{os.getpid()}\n")
+            log.warning("test hook %s: worker %d exits mid-slide", CRASH_ENV, os.getpid())
+            os._exit(1)
+    return crash
+
+
+def score_one(clf: Any, item: dict[str, Any], out: str, options: SlideOptions,
+              worker: str) -> dict[str, Any]:
+    """One slide -> its manifest row; a slide that cannot be used is a ``failed`` row."""
+    from dataclasses import replace
+
+    path, start = Path(item["path"]), time.perf_counter()
+    row = {"slide": path.name, "path": str(path), "patient_id": item.get("patient_id"),
+           "worker": worker}
+    opts = options if item.get("mpp") is None else replace(options, mpp=item["mpp"])
+    try:
+        s = predict_slide(clf, path, out, opts, on_progress=_crash_hook(path.stem))
+    except (SlideError, OSError, ValueError) as exc:
+        reason = " ".join(str(exc).removeprefix(f"{path}: ").split())
+        log.warning("failed slide %s: %s", path, reason)
+        return {**row, "status": "failed", "reason": reason, "tiles": None,
+                "seconds": round(time.perf_counter() - start, 3)}
+    return {**row, "status": "done", "reason": None, "verdict": s["verdict"],
+            "top_k_mean_p_malignant": s["top_k_mean_p_malignant"], "tiles": s["tiles_scored"],
+            "seconds": s["seconds"]}
+
+
+_CLF: Any = None  # the model of a local pool's worker process
+
+
+def _local_init(open_model: Callable[[], Any]) -> None:
+    global _CLF
+    _CLF = open_model()
+
+
+def _local_task(item: dict[str, Any], out: str, options: SlideOptions) -> dict[str, Any]:
+    return score_one(_CLF, item, out, options, f"local:{os.getpid()}")
+
+
+class SlideWorker:
+    """A Ray actor's body: the model loaded once, then one slide per call."""
+
+    def __init__(self, open_model: Callable[[], Any]) -> None:
+        self.clf = open_model()
+        self.name = f"ray:{socket.gethostname()}:{os.getpid()}"
+
+    def run(self, item: dict[str, Any], out: str, options: SlideOptions) -> dict[str, Any]:
+        return score_one(self.clf, item, out, options, self.name)
+
+
+def _earlier(out: Path) -> dict[str, dict[str, Any]]:
+    """Rows of an earlier run's manifest by slide path (none when absent or unreadable)."""
+    try:
+        old = pd.read_csv(out / "slides.csv", dtype={"patient_id": str})
+    except (OSError, ValueError, pd.errors.ParserError):
+        return {}
+    if not set(COLUMNS) <= set(old.columns):
+        return {}
+    old = old.astype(object).where(old.notna(), None)
+    return {r["path"]: r for r in old.to_dict("records")}
+
+
+def run_slides(open_model: Callable[[], Any], slides: str | Path | Sequence[dict[str, Any]],
+               out: str | Path, engine: str = "local", workers: int = 1,
+               address: str | None = None, gpus_per_worker: float = 0.0,
+               options: SlideOptions = SlideOptions(),
+               on_row: Callable[[dict[str, Any]], None] | None = None) -> pd.DataFrame:
+    """Score every slide of SLIDES on ``engine`` and return the run manifest (``OUT/slides.csv``).
+
+    Args:
+        open_model: Picklable no-argument callable returning the classifier (run once per worker).
+        slides: A folder, a CSV (see :func:`read_slides`) or its rows.
+        out: Output folder (``OUT/<stem>/`` per slide, ``OUT/slides.csv``).
+        engine: ``local`` (a spawned process pool) or ``ray``.
+        workers: Worker processes (local) or actors (ray); also ``num_cpus`` of a local Ray.
+        address: Ray cluster to join (``auto``, ``ray://host:10001``); none: a local Ray is started
+            unless one is already initialised in this process.
+        gpus_per_worker: GPUs reserved by each Ray actor (0: CPU actors).
+        options: Slide settings (``histoclass slide``'s options).
+        on_row: Called with each manifest row as it is written.
+
+    Raises:
+        ValueError: Unknown engine, workers < 1, or bad SLIDES.
+        ImportError: ``engine="ray"`` without Ray (the message names the ``ray`` extra).
+    """
+    from histoclass.data.manifest import write_manifest
+
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if workers < 1:
+        raise ValueError(f"--workers {workers} must be >= 1")
+    if engine == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ImportError("--engine ray needs Ray: pip install 'histoclass[ray]'") from None
+    items = read_slides(slides) if isinstance(slides, (str, Path)) else list(slides)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    earlier, rows, todo, stems = _earlier(out), {}, [], {}
+    for item in items:
+        path = str(item["path"])
+        stem = Path(path).stem
+        if stem in stems:
+            rows[path] = {"slide": Path(path).name, "path": path, "status": "failed",
+                          "patient_id": item.get("patient_id"),
+                          "reason": f"another slide in this run, {stems[stem]}, has the same "
+                                    f"name stem {stem!r} (one folder per stem)"}
+            continue
+        stems[stem] = path
+        old = earlier.get(path)
+        if old and old["status"] in ("done", "skipped") and (out / stem / "summary.json").exists():
+            rows[path] = {**old, "status": "skipped", "reason": "done in an earlier run"}
+        else:
+            rows[path] = {"slide": Path(path).name, "path": path, "status": "pending",
+                          "patient_id": item.get("patient_id")}
+            todo.append({**item, "path": path})
+
+    def record(row: dict[str, Any]) -> None:
+        rows[row["path"]] = row
+        write_manifest(pd.DataFrame(list(rows.values()), columns=list(COLUMNS)),
+                       out / "slides.csv")
+        if on_row is not None and row["status"] != "pending":
+            on_row(row)
+
+    for row in [r for r in rows.values() if r["status"] != "pending"]:
+        record(row)
+    if todo:
+        record(rows[todo[0]["path"]])  # the manifest lists the pending slides from the start
+        runner = _run_ray if engine == "ray" else _run_local
+        runner(open_model, todo, str(out), options, workers, address, gpus_per_worker, record)
+    return pd.read_csv(out / "slides.csv", dtype={"patient_id": str})
+
+
+def _run_local(open_model: Callable[[], Any], todo: list[dict[str, Any]], out: str,
+               options: SlideOptions, workers: int, address: str | None, gpus: float,
+               record: Callable[[dict[str, Any]], None]) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_local_init,
+                             initargs=(open_model,)) as pool:
+        futures = {pool.submit(_local_task, item, out, options): item for item in todo}
+        for fut in as_completed(futures):
+            item = futures[fut]
+            try:
+                record(fut.result())
+            except BrokenProcessPool as exc:  # a worker died: the pool cannot go on
+                record({"slide": Path(item["path"]).name, "path": item["path"],
+                        "patient_id": item.get("patient_id"), "status": "failed",
+                        "reason": f"worker process died ({exc}); rerun to resume"})
+
+
+def _run_ray(open_model: Callable[[], Any], todo: list[dict[str, Any]], out: str,
+             options: SlideOptions, workers: int, address: str | None, gpus: float,
+             record: Callable[[dict[str, Any]], None]) -> None:
+    import ray
+
+    if address is not None:
+        ray.init(address=address, ignore_reinit_error=True)
+    elif not ray.is_initialized():
+        ray.init(num_cpus=workers, include_dashboard=False)
+    actor = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)(SlideWorker)
+    pool = [actor.options(num_cpus=1, num_gpus=gpus).remote(open_model)
+            for _ in range(min(workers, len(todo)))]
+    pending = {pool[i % len(pool)].run.remote(item, out, options): item
+               for i, item in enumerate(todo)}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        item = pending.pop(ready[0])
+        try:
+            record(ray.get(ready[0]))
+        except (ray.exceptions.RayError, OSError) as exc:
+            reason = " ".join(str(exc).split())[:300]
+            record({"slide": Path(item["path"]).name, "path": item["path"],
+                    "patient_id": item.get("patient_id"), "status": "failed",
+                    "reason": f"Ray worker failed after {RETRIES} retries: {reason}"})
+    for a in pool:
+        ray.kill(a)
