@@ -1,0 +1,158 @@
+"""Calibrated probabilities and a referral threshold with a stated error rate (no torch).
+
+* :func:`fit_temperature` — the one scalar ``T > 0`` that minimises the negative log-likelihood
+  of ``softmax(logits / T)`` on held-out (validation) logits (Guo et al. 2017, "On Calibration of
+  Modern Neural Networks"). Fit on the validation split only, never on test.
+* :func:`ece` / :func:`brier` — calibration of a probability matrix (ECE reuses
+  :func:`histoclass.metrics.ece`, the one home of the binning rule).
+* :func:`clopper_pearson_upper` — exact one-sided binomial upper bound (Clopper & Pearson 1934).
+* :func:`choose_refer_threshold` — the lowest confidence threshold whose accepted validation
+  images have an error rate bounded by ``alpha`` with probability ``1 - delta``, selected by
+  fixed-sequence testing as in "Learn then Test" (Angelopoulos et al. 2021).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+from scipy.stats import beta
+
+from histoclass import metrics
+
+log = logging.getLogger(__name__)
+
+#: Search range of ``log T``: ``T`` in about ``[0.01, 100]``.
+LOG_T_BOUNDS = (-4.6, 4.6)
+
+
+def _probs_labels(probs: np.ndarray, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    p, y = np.asarray(probs, float), np.asarray(labels, int)
+    if p.ndim != 2 or len(p) != len(y):
+        raise ValueError(f"probs must be (n, K) with n = {len(y)} labels; got shape {p.shape}")
+    if len(y) and (y.min() < 0 or y.max() >= p.shape[1]):
+        raise ValueError(f"labels must be in 0..{p.shape[1] - 1}; got {y.min()}..{y.max()}")
+    return p, y
+
+
+def nll(logits: np.ndarray, labels: Sequence[int], temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``softmax(logits / temperature)``."""
+    z, y = _probs_labels(logits, labels)
+    return float(-log_softmax(z / temperature, axis=1)[np.arange(len(y)), y].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
+    """The temperature ``T > 0`` minimising the NLL of ``softmax(logits / T)``.
+
+    Bounded search over ``log T`` in :data:`LOG_T_BOUNDS` (so ``T`` stays positive).
+
+    Args:
+        logits: ``(n, K)`` validation logits.
+        labels: ``n`` class indices.
+
+    Raises:
+        ValueError: no images, or shapes/labels that do not match.
+    """
+    z, y = _probs_labels(logits, labels)
+    if len(y) == 0:
+        raise ValueError("cannot fit a temperature on 0 images")
+    res = minimize_scalar(lambda s: nll(z, y, float(np.exp(s))), bounds=LOG_T_BOUNDS,
+                          method="bounded", options={"xatol": 1e-6})
+    t = float(np.exp(res.x))
+    log.info("temperature %.4f (NLL %.4f at T=1 -> %.4f)", t, nll(z, y), nll(z, y, t))
+    return t
+
+
+def ece(probs: np.ndarray, labels: Sequence[int], bins: int = metrics.ECE_BINS) -> float | None:
+    """Expected calibration error of the top label of a ``(n, K)`` probability matrix
+    (:func:`histoclass.metrics.ece`); ``None`` for no images."""
+    p, y = _probs_labels(probs, labels)
+    correct, confidence = metrics.top_label(y, p)
+    return metrics.ece(correct, confidence, bins)
+
+
+def brier(probs: np.ndarray, labels: Sequence[int]) -> float | None:
+    """Multiclass Brier score: mean over images of ``sum_k (p_k - [y = k])^2``; ``None`` for no
+    images."""
+    p, y = _probs_labels(probs, labels)
+    if len(y) == 0:
+        log.warning("brier is undefined (no images); reporting null")
+        return None
+    onehot = np.eye(p.shape[1])[y]
+    return float(((p - onehot) ** 2).sum(axis=1).mean())
+
+
+def clopper_pearson_upper(k: int, n: int, delta: float) -> float:
+    """Exact one-sided ``1 - delta`` upper bound of a binomial rate after ``k`` events in ``n``
+    trials (Clopper & Pearson 1934): ``Beta.ppf(1 - delta, k + 1, n - k)``, ``1.0`` when ``k = n``.
+
+    Raises:
+        ValueError: ``n < 1``, ``k`` outside ``0..n`` or ``delta`` outside ``(0, 1)``.
+    """
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1; got k={k}, n={n}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1); got {delta}")
+    return 1.0 if k == n else float(beta.ppf(1 - delta, k + 1, n - k))
+
+
+def choose_refer_threshold(confidence: Sequence[float], correct: Sequence[bool], alpha: float,
+                           delta: float = 0.05) -> dict | None:
+    """The lowest confidence threshold whose accepted images have error rate ``<= alpha``
+    with probability ``>= 1 - delta``, or ``None`` when no threshold qualifies (then refuse:
+    no error rate can be stated).
+
+    Fixed-sequence ("Learn then Test", Angelopoulos et al. 2021) selection: candidate thresholds
+    are the distinct validation confidences, scanned from the highest down; at each the
+    Clopper-Pearson (1934) ``1 - delta`` upper bound of the error rate among validation images
+    with ``confidence >= t`` is tested against ``alpha``, and the scan stops at the first
+    failure. Thresholds accepting fewer images than the smallest count at which even zero errors
+    could pass are not tested (they can never pass, and which they are depends only on the
+    confidences, never on correctness, so the order is still fixed before the labels are
+    looked at). Because the hypotheses are tested in a fixed order and the scan stops at the first
+    non-rejection, the family-wise error is at most ``delta`` without a multiplicity correction.
+
+    Args:
+        confidence: Per validation image, the probability of its top label.
+        correct: Per validation image, whether the top label is right.
+        alpha: Target error rate among accepted (not referred) images, in ``(0, 1)``.
+        delta: Allowed probability that the bound is wrong, in ``(0, 1)``.
+
+    Returns:
+        ``{"alpha", "delta", "threshold", "val_coverage", "val_n", "val_error", "upper"}``:
+        refer when ``confidence < threshold``; coverage is the accepted share of validation
+        images, ``val_error`` their observed error rate, ``upper`` its bound.
+
+    Raises:
+        ValueError: lengths differ, or ``alpha``/``delta`` outside ``(0, 1)``.
+    """
+    conf, right = np.asarray(confidence, float), np.asarray(correct, bool)
+    if len(conf) != len(right):
+        raise ValueError(f"{len(conf)} confidences but {len(right)} correctness flags")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1); got {alpha}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1); got {delta}")
+    order = np.argsort(-conf, kind="stable")
+    conf, wrong = conf[order], ~right[order]
+    # smallest n at which even 0 errors pass: 1 - delta ** (1 / n) <= alpha
+    n_min = int(np.ceil(np.log(delta) / np.log1p(-alpha)))
+    best = None
+    for t in np.unique(conf)[::-1]:
+        n = int(np.searchsorted(-conf, -t, side="right"))  # images with confidence >= t
+        if n < n_min:
+            continue
+        k = int(wrong[:n].sum())
+        upper = clopper_pearson_upper(k, n, delta)
+        if upper > alpha:
+            break
+        best = {"alpha": float(alpha), "delta": float(delta), "threshold": float(t),
+                "val_coverage": n / len(conf), "val_n": len(conf), "val_error": k / n,
+                "upper": upper}
+    if best is None:
+        log.warning("no confidence threshold bounds the error at %.3g (delta %.3g) on %d "
+                    "validation images; no referral rule can be stated", alpha, delta, len(conf))
+    return best

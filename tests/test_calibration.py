@@ -1,0 +1,58 @@
+"""Temperature, ECE/Brier, Clopper-Pearson and the referral threshold, against hand-computed
+answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import beta
+
+from histoclass import calibration as cal
+
+
+def test_temperature_recovers_the_analytic_optimum():
+    # logits (2, 0) for every image, 3 of 4 labelled 0: the NLL optimum has
+    # sigmoid(2 / T) = 3/4, so T = 2 / ln 3
+    logits = np.tile([2.0, 0.0], (4, 1))
+    assert cal.fit_temperature(logits, [0, 0, 0, 1]) == pytest.approx(2 / np.log(3), rel=1e-4)
+
+
+def test_temperature_needs_images():
+    with pytest.raises(ValueError, match="0 images"):
+        cal.fit_temperature(np.zeros((0, 2)), [])
+
+
+def test_ece_and_brier_by_hand():
+    p = np.array([[0.9, 0.1], [0.6, 0.4]])
+    # top labels 0 (conf 0.9, right), 0 (conf 0.6, wrong): bins apart -> (0.1 + 0.6) / 2
+    assert cal.ece(p, [0, 1]) == pytest.approx(0.35)
+    # (0.01 + 0.01 + 0.36 + 0.36) / 2
+    assert cal.brier(p, [0, 1]) == pytest.approx(0.37)
+    assert cal.brier(np.zeros((0, 2)), []) is None
+
+
+def test_clopper_pearson_upper():
+    assert cal.clopper_pearson_upper(2, 20, 0.05) == pytest.approx(beta.ppf(0.95, 3, 18))
+    assert cal.clopper_pearson_upper(0, 10, 0.05) == pytest.approx(1 - 0.05 ** 0.1)
+    assert cal.clopper_pearson_upper(5, 5, 0.05) == 1.0
+    with pytest.raises(ValueError, match="k=6, n=5"):
+        cal.clopper_pearson_upper(6, 5, 0.05)
+
+
+def test_refer_threshold_on_a_hand_made_set():
+    conf = np.linspace(0.99, 0.60, 20)
+    correct = np.array([True] * 15 + [False, False, True, False, False])
+    # alpha 0.3, delta 0.05: fewer than 9 images can never pass (1 - 0.05 ** (1/8) = 0.312);
+    # n = 9..15 have 0 errors (pass), n = 16 has 1 (beta.ppf(.95, 2, 15) = 0.271, pass),
+    # n = 17 has 2 (beta.ppf(.95, 3, 15) = 0.333 > 0.3): stop, threshold = 16th confidence
+    assert beta.ppf(0.95, 2, 15) < 0.3 < beta.ppf(0.95, 3, 15)
+    rule = cal.choose_refer_threshold(conf, correct, alpha=0.3)
+    assert rule["threshold"] == pytest.approx(conf[15])
+    assert rule["val_coverage"] == pytest.approx(16 / 20) and rule["val_n"] == 20
+    assert rule["val_error"] == pytest.approx(1 / 16)
+
+
+def test_refer_threshold_refuses_when_nothing_passes():
+    assert cal.choose_refer_threshold([0.9] * 5, [True] * 5, alpha=0.05) is None
+    with pytest.raises(ValueError, match="alpha"):
+        cal.choose_refer_threshold([0.9], [True], alpha=0.0)
