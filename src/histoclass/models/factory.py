@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from histoclass.data.transforms import Preprocess
-from histoclass.models.checkpoint import load_reason
+from histoclass.models.checkpoint import load_reason, resolve_model_args
 from histoclass.models.members import resolve_arch
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ def create_model(
     pretrained: bool = True,
     weights: str | Path | None = None,
     drop_rate: float = 0.3,
+    model_args: dict | None = None,
 ) -> nn.Module:
     """A timm model with a fresh ``num_classes`` head (global pooling, dropout, linear).
 
@@ -130,20 +131,23 @@ def create_model(
         pretrained: Download ImageNet weights from the Hugging Face hub (timm's normal path).
         weights: Local weights file instead of the hub (offline).
         drop_rate: Dropout before the head (0.3 in the study).
+        model_args: Extra timm constructor arguments (plain types, see
+            :func:`histoclass.models.checkpoint.parse_model_args`).
     """
     import timm
 
     name = resolve_arch(arch)
+    extra = resolve_model_args(model_args or {})
     if weights is not None:
         model = timm.create_model(name, pretrained=False, num_classes=num_classes,
-                                  drop_rate=drop_rate)
+                                  drop_rate=drop_rate, **extra)
         load_backbone_weights(model, weights)
     elif not pretrained:
         log.warning("%s: no pretrained weights, training from random initialisation", name)
         model = timm.create_model(name, pretrained=False, num_classes=num_classes,
-                                  drop_rate=drop_rate)
+                                  drop_rate=drop_rate, **extra)
     else:
-        model = _from_hub(name, num_classes, drop_rate)
+        model = _from_hub(name, num_classes, drop_rate, extra)
     init_head(model)
     return model
 
@@ -203,10 +207,11 @@ def hub_problem(archs: list[str]) -> str | None:
     return f"{why}; no cached ImageNet weights for {', '.join(missing)}" if why else None
 
 
-def _from_hub(name: str, num_classes: int, drop_rate: float) -> nn.Module:
+def _from_hub(name: str, num_classes: int, drop_rate: float, extra: dict | None = None
+              ) -> nn.Module:
     import timm
 
-    kwargs: dict = {"num_classes": num_classes, "drop_rate": drop_rate}
+    kwargs: dict = {"num_classes": num_classes, "drop_rate": drop_rate, **(extra or {})}
     why = hub_unreachable()
     if why is not None:
         cached = cached_weights(name)
