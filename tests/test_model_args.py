@@ -3,13 +3,9 @@
 import pytest
 import torch
 
-from histoclass.models.checkpoint import (
-    load_checkpoint,
-    member_meta,
-    parse_model_args,
-    save_checkpoint,
-)
+from histoclass.models.checkpoint import load_checkpoint, member_meta, save_checkpoint
 from histoclass.models.factory import create_model, model_preprocess
+from histoclass.models.model_args import parse_model_args
 
 
 def test_parse_model_args_json_scalars():

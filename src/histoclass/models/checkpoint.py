@@ -12,7 +12,8 @@ name given, e.g. ``v2-b0``), ``timm_name``, ``num_classes``, ``classes``, ``task
 metrics), ``histoclass_version``; optionally ``train_mpp`` (microns per pixel of the training
 images, ``None``: unknown) and ``train_field`` (``[w, h]`` pixels one input covers; see
 :mod:`histoclass.models.resolution`) and ``model_args`` (extra timm constructor arguments,
-plain-typed; class names resolved by :func:`resolve_model_args`).
+plain-typed; class names resolved by
+:func:`histoclass.models.model_args.resolve_model_args`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 from histoclass._version import __version__
 from histoclass.data.files import atomic_write
 from histoclass.data.transforms import Preprocess
+from histoclass.models.model_args import resolve_model_args
 
 FORMAT = "histoclass-checkpoint"
 VERSION = 1
@@ -171,56 +173,6 @@ def check_checkpoint(obj: Any, path: str | Path) -> dict[str, Any]:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint file safely (``weights_only=True``) and check its format."""
     return check_checkpoint(load_file(path), path)
-
-
-# Class-valued constructor arguments (``--model-arg mlp_layer=SwiGLUPacked``): stored by name
-# in a checkpoint and resolved from this allow-list only, never evaluated.
-CLASS_ARGS: dict[str, tuple[str, str]] = {
-    "SwiGLUPacked": ("timm.layers", "SwiGLUPacked"), "SwiGLU": ("timm.layers", "SwiGLU"),
-    "Mlp": ("timm.layers", "Mlp"), "SiLU": ("torch.nn", "SiLU"), "GELU": ("torch.nn", "GELU")}
-CLASS_KEYS = ("mlp_layer", "act_layer", "norm_layer")
-
-
-def parse_model_args(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """``["key=value", ...]`` as plain-typed constructor arguments: values are JSON scalars
-    (``true``, ``1e-5``, ``"avg"``), anything else a string.
-
-    Raises:
-        ValueError: A pair without ``=``, or a class-valued key naming a class outside
-            :data:`CLASS_ARGS`.
-    """
-    import json
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--model-arg {pair!r} is not KEY=VALUE")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        if isinstance(value, dict | list):
-            raise ValueError(f"--model-arg {pair!r}: the value must be a scalar, not {raw}")
-        out[key.strip()] = value
-    resolve_model_args(out)  # an unknown class name fails now, not at load time
-    return out
-
-
-def resolve_model_args(args: dict[str, Any]) -> dict[str, Any]:
-    """Stored constructor arguments with class names (``mlp_layer``, ``act_layer``...) mapped
-    to their classes through :data:`CLASS_ARGS`."""
-    import importlib
-
-    out = dict(args)
-    for key in CLASS_KEYS:
-        if isinstance(name := out.get(key), str):
-            if name not in CLASS_ARGS:
-                raise ValueError(f"model argument {key}={name!r} is not an allowed class; "
-                                 f"use one of {', '.join(CLASS_ARGS)}")
-            module, attr = CLASS_ARGS[name]
-            out[key] = getattr(importlib.import_module(module), attr)
-    return out
 
 
 def build_model(meta: dict[str, Any]) -> nn.Module:

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from histoclass.data.transforms import Preprocess
-from histoclass.models.checkpoint import load_reason, resolve_model_args
+from histoclass.models.checkpoint import load_reason
 from histoclass.models.members import resolve_arch
+from histoclass.models.model_args import resolve_model_args
 
 log = logging.getLogger(__name__)
 HUB_TIMEOUT = 3.0  # seconds the hub gets to answer before a run calls it unreachable
@@ -132,7 +133,7 @@ def create_model(
         weights: Local weights file instead of the hub (offline).
         drop_rate: Dropout before the head (0.3 in the study).
         model_args: Extra timm constructor arguments (plain types, see
-            :func:`histoclass.models.checkpoint.parse_model_args`).
+            :func:`histoclass.models.model_args.parse_model_args`).
     """
     import timm
 
