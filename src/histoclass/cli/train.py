@@ -48,6 +48,10 @@ def train(
     out: Path = typer.Option(..., "--out", help="Run folder: best.pt, last.pt, history.csv, "
                              "curves.png, config.yaml."),
     model: str = typer.Option("v2-b0", help="Member (histoclass models) or any timm name."),
+    model_arg: list[str] = typer.Option(
+        None, "--model-arg", help="Extra timm constructor argument KEY=VALUE (repeatable; "
+        "values are JSON scalars, e.g. init_values=1e-5, dynamic_img_size=true, "
+        "mlp_layer=SwiGLUPacked); stored in the checkpoint."),
     task: Task = typer.Option("binary", help="binary: benign/malignant; subtype: 8 classes."),
     fold: int = typer.Option(None, help="Fold of a kfold manifest (split_fold<K>)."),
     magnification: str = typer.Option(None, help="Train on one magnification only, e.g. 40X."),
@@ -101,11 +105,15 @@ def train(
     The test split is never read. Under torchrun the same command trains with
     DistributedDataParallel.
     """
+    from histoclass.models.model_args import parse_model_args
     from histoclass.train import TrainConfig
     from histoclass.train import train as run
 
+    with _errors():
+        args = parse_model_args(model_arg or [])
     cfg = TrainConfig(
-        manifest=str(manifest), out=str(out), model=model, task=task, fold=fold,
+        manifest=str(manifest), out=str(out), model=model, model_args=args or None, task=task,
+        fold=fold,
         magnification=magnification, epochs=epochs, batch_size=batch_size,
         image_size=image_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay,
         drop_rate=dropout, pretrained=pretrained, weights=str(weights) if weights else None,

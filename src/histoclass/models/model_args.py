@@ -33,11 +33,20 @@ def parse_model_args(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
             value = json.loads(raw)
         except ValueError:
             value = raw
-        if isinstance(value, dict | list):
-            raise ValueError(f"--model-arg {pair!r}: the value must be a scalar, not {raw}")
         out[key.strip()] = value
-    resolve_model_args(out)  # an unknown class name fails now, not at load time
-    return out
+    return check_model_args(out)
+
+
+def check_model_args(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` if every value is a plain scalar and every class name is allowed (an unknown
+    class fails at parse time, not when a checkpoint is loaded)."""
+    for key, value in args.items():
+        if not isinstance(key, str) or not (value is None or isinstance(value,
+                                                                        str | int | float)):
+            raise ValueError(f"model argument {key}={value!r}: the value must be a scalar "
+                             "(number, true/false, text)")
+    resolve_model_args(args)
+    return args
 
 
 def resolve_model_args(args: dict[str, Any]) -> dict[str, Any]:

@@ -39,11 +39,14 @@ class TrainConfig:
     batch, split evenly over processes under ``torchrun``. ``patience`` 0 disables early stopping.
     ``train_mpp`` (microns per pixel of the training images) ``None`` means the BreakHis value of
     the training rows' one magnification, or unknown (see :meth:`RunData.resolution`).
+    ``model_args`` are extra timm constructor arguments (``--model-arg``, plain scalars; see
+    :func:`histoclass.models.model_args.parse_model_args`), ``None`` for none.
     """
 
     manifest: str
     out: str
     model: str = "v2-b0"
+    model_args: dict[str, Any] | None = None
     task: str = "binary"
     fold: int | None = None
     magnification: str | None = None
@@ -92,6 +95,10 @@ class TrainConfig:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
         if self.train_mpp is not None and not self.train_mpp > 0:
             raise ValueError(f"--train-mpp {self.train_mpp}: microns per pixel must be > 0")
+        if self.model_args:
+            from histoclass.models.model_args import check_model_args
+
+            check_model_args(self.model_args)
         if bool(self.stain) != bool(self.stain_target):
             raise ValueError("--stain METHOD and --stain-target IMAGE go together")
 

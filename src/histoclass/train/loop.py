@@ -133,7 +133,8 @@ def _prepare(cfg: TrainConfig, d: Dist) -> _Run:
     ckpt = _resume_checkpoint(cfg, out, prints) if cfg.resume else None
     if ckpt is None:
         model = models.create_model(cfg.model, len(data.classes), pretrained=cfg.pretrained,
-                                    weights=cfg.weights, drop_rate=cfg.drop_rate)
+                                    weights=cfg.weights, drop_rate=cfg.drop_rate,
+                                    model_args=cfg.model_args)
     else:  # weights come from last.pt: no hub download, no weights file needed
         model = build_model(ckpt["meta"])
         model.load_state_dict(ckpt["state_dict"])
@@ -212,6 +213,7 @@ def _write_epoch(run: _Run, cfg: TrainConfig, row: dict[str, Any], improved: boo
                                   task=cfg.task, drop_rate=cfg.drop_rate,
                                   stain=run.data.stain_meta, config=asdict(cfg),
                                   fingerprint=run.fingerprint, history=run.history,
+                                  model_args=dict(cfg.model_args or {}),
                                   **run.data.resolution, **extra)
 
     if improved:
