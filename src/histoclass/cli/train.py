@@ -26,15 +26,22 @@ RUN_FILES = ("best.pt", "last.pt", "history.csv", "curves.png", "config.yaml", "
 
 
 def models() -> None:
-    """List the ensemble members: timm name, parameters, native input size, pretrained tag."""
+    """List the ensemble members (timm name, parameters, native input size, pretrained tag)
+    and the named pathology foundation models (`--model uni` ...): hub id, architecture,
+    embedding, licence and access. Any timm name, hf-hub:ORG/NAME or local-dir:PATH works too."""
     from histoclass.models.members import member_table
+    from histoclass.models.presets import preset_table
 
-    rows = member_table()
-    cols = ("name", "timm", "params_M", "input_size", "pretrained")
+    _table(member_table(), ("name", "timm", "params_M", "input_size", "pretrained"))
+    typer.echo("")
+    _table(preset_table(), ("name", "hub", "timm", "embedding", "licence", "access", "loader"))
+
+
+def _table(rows: list[dict], cols: tuple[str, ...]) -> None:
     width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    typer.echo("  ".join(c.ljust(width[c]) for c in cols))
+    typer.echo("  ".join(c.ljust(width[c]) for c in cols).rstrip())
     for r in rows:
-        typer.echo("  ".join(str(r[c]).ljust(width[c]) for c in cols))
+        typer.echo("  ".join(str(r[c]).ljust(width[c]) for c in cols).rstrip())
 
 
 def _errors():
@@ -47,7 +54,8 @@ def train(
     manifest: Path = typer.Argument(..., help="Split manifest CSV (histoclass split)."),
     out: Path = typer.Option(..., "--out", help="Run folder: best.pt, last.pt, history.csv, "
                              "curves.png, config.yaml."),
-    model: str = typer.Option("v2-b0", help="Member (histoclass models) or any timm name."),
+    model: str = typer.Option("v2-b0", help="Member or preset (histoclass models), any timm "
+                              "name, hf-hub:ORG/NAME or local-dir:PATH."),
     model_arg: list[str] = typer.Option(
         None, "--model-arg", help="Extra timm constructor argument KEY=VALUE (repeatable; "
         "values are JSON scalars, e.g. init_values=1e-5, dynamic_img_size=true, "

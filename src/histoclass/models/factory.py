@@ -16,6 +16,12 @@ from histoclass.data.transforms import Preprocess
 from histoclass.models.checkpoint import load_reason
 from histoclass.models.members import resolve_arch
 from histoclass.models.model_args import resolve_model_args
+from histoclass.models.sources import (
+    Backbone,
+    access_error,
+    is_named_backbone,
+    resolve_backbone,
+)
 
 log = logging.getLogger(__name__)
 HUB_TIMEOUT = 3.0  # seconds the hub gets to answer before a run calls it unreachable
@@ -116,7 +122,7 @@ def init_head(model: nn.Module) -> None:
 
 
 def create_model(
-    arch: str,
+    arch: str | Backbone,
     num_classes: int,
     *,
     pretrained: bool = True,
@@ -127,30 +133,52 @@ def create_model(
     """A timm model with a fresh ``num_classes`` head (global pooling, dropout, linear).
 
     Args:
-        arch: Member short name (``v2-b0``) or timm name.
+        arch: Member short name (``v2-b0``), timm name, ``hf-hub:ORG/NAME``,
+            ``local-dir:PATH``, preset (``uni``), or an already resolved
+            :class:`~histoclass.models.sources.Backbone`.
         num_classes: Output logits.
         pretrained: Download ImageNet weights from the Hugging Face hub (timm's normal path).
         weights: Local weights file instead of the hub (offline).
         drop_rate: Dropout before the head (0.3 in the study).
         model_args: Extra timm constructor arguments (plain types, see
-            :func:`histoclass.models.model_args.parse_model_args`).
+            :func:`histoclass.models.model_args.parse_model_args`); ignored for a Backbone.
     """
     import timm
 
-    name = resolve_arch(arch)
-    extra = resolve_model_args(model_args or {})
+    bb = arch if isinstance(arch, Backbone) else resolve_backbone(
+        arch, model_args, offline=weights is not None or not pretrained)
+    kwargs = {"num_classes": num_classes, "drop_rate": drop_rate,
+              **resolve_model_args(bb.model_args)}
+    if bb.norm is not None:  # the preset's published normalisation, whatever the weights' path
+        kwargs["pretrained_cfg_overlay"] = {"mean": tuple(bb.norm[0]), "std": tuple(bb.norm[1])}
     if weights is not None:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes,
-                                  drop_rate=drop_rate, **extra)
+        model = timm.create_model(bb.timm_name, pretrained=False, **kwargs)
         load_backbone_weights(model, weights)
     elif not pretrained:
-        log.warning("%s: no pretrained weights, training from random initialisation", name)
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes,
-                                  drop_rate=drop_rate, **extra)
+        log.warning("%s: no pretrained weights, training from random initialisation", bb.name)
+        model = timm.create_model(bb.timm_name, pretrained=False, **kwargs)
+    elif bb.source is not None:
+        model = _from_source(bb, kwargs)
     else:
-        model = _from_hub(name, num_classes, drop_rate, extra)
+        model = _from_hub(bb.timm_name, num_classes, drop_rate, kwargs)
     init_head(model)
     return model
+
+
+def _from_source(bb: Backbone, kwargs: dict) -> nn.Module:
+    """Pretrained weights of an ``hf-hub:``/``local-dir:`` backbone, through timm's own loader
+    (the architecture and arguments are already in ``kwargs``, so config.json only adds the
+    pretrained configuration: file location, normalisation)."""
+    import timm
+
+    try:
+        return timm.create_model(bb.source, pretrained=True, **kwargs)
+    except Exception as exc:  # hub, network and file errors come in many types
+        err = access_error(exc, bb.source)
+        if err is not None:
+            raise err from None
+        raise WeightsError(f"{bb.source}: could not load its pretrained weights "
+                           f"({load_reason(exc)})") from None
 
 
 def hub_unreachable(timeout: float = HUB_TIMEOUT) -> str | None:
@@ -203,7 +231,9 @@ def cached_weights(timm_name: str) -> str | None:
 def hub_problem(archs: list[str]) -> str | None:
     """Why the ImageNet weights of ``archs`` cannot be had now (hub unreachable and not
     cached), or ``None``: checked in seconds, before a run starts any work."""
-    missing = [n for n in map(resolve_arch, archs) if cached_weights(n) is None]
+    # Presets and hf-hub:/local-dir: sources are checked when they are downloaded.
+    names = [resolve_arch(a) for a in archs if not is_named_backbone(a)]
+    missing = [n for n in names if cached_weights(n) is None]
     why = hub_unreachable() if missing else None
     return f"{why}; no cached ImageNet weights for {', '.join(missing)}" if why else None
 
@@ -212,7 +242,7 @@ def _from_hub(name: str, num_classes: int, drop_rate: float, extra: dict | None 
               ) -> nn.Module:
     import timm
 
-    kwargs: dict = {"num_classes": num_classes, "drop_rate": drop_rate, **(extra or {})}
+    kwargs: dict = {**(extra or {}), "num_classes": num_classes, "drop_rate": drop_rate}
     why = hub_unreachable()
     if why is not None:
         cached = cached_weights(name)

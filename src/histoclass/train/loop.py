@@ -26,6 +26,7 @@ from histoclass import models
 from histoclass.data.files import check_output, remove_stale_temps
 from histoclass.data.transforms import Preprocess
 from histoclass.models.checkpoint import build_model, read_checkpoint, save_checkpoint
+from histoclass.models.sources import Backbone, resolve_backbone
 from histoclass.train import distributed, records
 from histoclass.train.config import TrainConfig, fingerprint, fingerprint_changes
 from histoclass.train.data import RunData, build_data, epoch_seed
@@ -109,6 +110,7 @@ class _Run:
     bad_epochs: int = 0
     start: int = 0
     fingerprint: dict[str, Any] = field(default_factory=dict)  # what --resume must match
+    backbone: Backbone | None = None
 
 
 def _prepare(cfg: TrainConfig, d: Dist) -> _Run:
@@ -127,14 +129,20 @@ def _prepare(cfg: TrainConfig, d: Dist) -> _Run:
     if d.world > 1 and cfg.batch_size % d.world:
         raise ValueError(f"--batch-size {cfg.batch_size} does not split over {d.world} processes")
     torch.manual_seed(cfg.seed)  # same initial head on every process
-    timm_name = models.resolve_arch(cfg.model)
     data = build_data(cfg, d)
     prints = fingerprint(cfg)
     ckpt = _resume_checkpoint(cfg, out, prints) if cfg.resume else None
+    if ckpt is None:  # a hub source's config.json is read here, once
+        backbone = resolve_backbone(cfg.model, cfg.model_args,
+                                    offline=bool(cfg.weights) or not cfg.pretrained)
+    else:
+        m = ckpt["meta"]
+        backbone = Backbone(cfg.model, m["timm_name"], m.get("model_args") or {},
+                            m.get("source"), m.get("embedding"))
+    timm_name = backbone.timm_name
     if ckpt is None:
-        model = models.create_model(cfg.model, len(data.classes), pretrained=cfg.pretrained,
-                                    weights=cfg.weights, drop_rate=cfg.drop_rate,
-                                    model_args=cfg.model_args)
+        model = models.create_model(backbone, len(data.classes), pretrained=cfg.pretrained,
+                                    weights=cfg.weights, drop_rate=cfg.drop_rate)
     else:  # weights come from last.pt: no hub download, no weights file needed
         model = build_model(ckpt["meta"])
         model.load_state_dict(ckpt["state_dict"])
@@ -146,8 +154,8 @@ def _prepare(cfg: TrainConfig, d: Dist) -> _Run:
     if freeze_bn:
         freeze_batchnorm(model)
     head = {id(p) for p in head_parameters(model)}
-    backbone = [p for p in model.parameters() if id(p) not in head and p.requires_grad]
-    opt = torch.optim.Adam([{"params": backbone, "lr": cfg.lr, "name": "backbone"},
+    body = [p for p in model.parameters() if id(p) not in head and p.requires_grad]
+    opt = torch.optim.Adam([{"params": body, "lr": cfg.lr, "name": "backbone"},
                             {"params": head_parameters(model), "lr": cfg.head_lr,
                              "name": "head"}], weight_decay=cfg.weight_decay)
     amp = amp_dtype(cfg.amp, d.device)
@@ -160,7 +168,7 @@ def _prepare(cfg: TrainConfig, d: Dist) -> _Run:
             model, device_ids=[d.device] if d.device.type == "cuda" else None,
             broadcast_buffers=False, find_unused_parameters=cfg.warmup_epochs > 0)
     run = _Run(out, data, model, net, opt, scaler, crit, amp, freeze_bn, timm_name, pre,
-               fingerprint=prints)
+               fingerprint=prints, backbone=backbone)
     if ckpt is not None:
         meta, state = ckpt["meta"], ckpt["meta"]["train_state"]
         opt.load_state_dict(state["optimizer"])
@@ -213,7 +221,7 @@ def _write_epoch(run: _Run, cfg: TrainConfig, row: dict[str, Any], improved: boo
                                   task=cfg.task, drop_rate=cfg.drop_rate,
                                   stain=run.data.stain_meta, config=asdict(cfg),
                                   fingerprint=run.fingerprint, history=run.history,
-                                  model_args=dict(cfg.model_args or {}),
+                                  **run.backbone.meta(),
                                   **run.data.resolution, **extra)
 
     if improved:
