@@ -97,7 +97,9 @@ def explain(
     method: CamMethod = typer.Option("gradcam", help="Class activation map method."),
     klass: str = typer.Option("predicted", "--class", help="predicted | benign | malignant "
                               "(or any class of the model)."),
-    layer: str = typer.Option(None, help="Target layer name (default: bn2 for EfficientNet)."),
+    layer: str = typer.Option(None, help="Target layer name (default: bn2 for EfficientNet, "
+                              "blocks[-1].norm1 for a ViT); 'list' prints each member's "
+                              "candidates and exits."),
     ensemble_weights: str = typer.Option(
         None, help="Comma-separated weights for several member checkpoints (soft ensemble)."
     ),
@@ -126,18 +128,21 @@ def explain(
     from histoclass.models import CheckpointError
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    if out is None and not score:  # before loading anything
+    if out is None and not score and layer != "list":  # before loading anything
         fail("--out DIR is required (or use --score)")
     if score and set(chosen) - set(choices_of(CamMethod)):
         fail(f"unknown method(s) {sorted(set(chosen) - set(choices_of(CamMethod)))}; choose "
              f"from {', '.join(choices_of(CamMethod))}")
     with user_errors(ImageLoadError, CheckpointError):
-        if out is not None and not score:
+        if out is not None and not score and layer != "list":
             from histoclass.data.files import check_output
 
             check_output(out, "folder")  # before any model is loaded or CAM computed
         models, images = _split_inputs(inputs)
         ens = _model(models, ensemble_weights)
+        if layer == "list":
+            _list_layers(ens)
+            return
         items, skipped = _items(images, manifest, split, ens.classes)
         if score:
             _score(ens, items, chosen, klass, layer, steps, road)
@@ -155,6 +160,15 @@ def explain(
     typer.echo(f"explained {len(result.rows)} image(s) ({wrong} misclassified), skipped "
                f"{len(result.skipped)}; open {result.gallery}")
     report_written(written_files(out, result))
+
+
+def _list_layers(ens) -> None:
+    from histoclass.explain import candidate_layers, find_target_layer
+
+    for m in ens.members:
+        default, _ = find_target_layer(m.model)
+        names = ", ".join(candidate_layers(m.model))
+        typer.echo(f"{m.name}: default {default}; candidates {names}")
 
 
 def _score(ens, items, chosen, klass, layer, steps, road) -> None:

@@ -32,6 +32,12 @@ import torch
 from torch import nn
 
 from histoclass.data.transforms import Preprocess
+from histoclass.explain.tokens import (
+    default_token_layer,
+    is_token_model,
+    token_candidates,
+    token_reshape,
+)
 from histoclass.models.classifier import Preparation, StainFn
 
 log = logging.getLogger(__name__)
@@ -83,13 +89,17 @@ class LogOddsTarget:
 
 
 def candidate_layers(model: nn.Module, n: int = 10) -> list[str]:
-    """The last ``n`` conv/norm/activation modules: sensible CAM target layers."""
+    """Sensible CAM target layers: the last ``n`` conv/norm/activation modules, or for a
+    transformer the ``norm1`` of its last ``n`` blocks."""
+    if is_token_model(model):
+        return token_candidates(model, n)
     names = [name for name, m in model.named_modules() if name and isinstance(m, _LAYER_TYPES)]
     return names[-n:]
 
 
 def find_target_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module]:
-    """The CAM target layer: ``name`` if given, else ``bn2`` (timm EfficientNet) or the last
+    """The CAM target layer: ``name`` if given, else ``bn2`` (timm EfficientNet),
+    ``blocks[-1].norm1`` (timm ViT, see :mod:`histoclass.explain.tokens`) or the last
     conv/norm/activation module.
 
     Raises:
@@ -98,11 +108,12 @@ def find_target_layer(model: nn.Module, name: str | None = None) -> tuple[str, n
     modules = dict(model.named_modules())
     if name is None:
         timm_efficientnet = "bn2" in modules and "conv_head" in modules
-        name = "bn2" if timm_efficientnet else (candidate_layers(model, 1) or [""])[0]
+        name = ("bn2" if timm_efficientnet else default_token_layer(model)
+                or (candidate_layers(model, 1) or [""])[0])
     if not name or name not in modules:
         raise ValueError(
-            f"layer {name!r} not found in {type(model).__name__}; candidate layers (last conv/"
-            f"norm-act modules): {', '.join(candidate_layers(model))}"
+            f"layer {name!r} not found in {type(model).__name__}; candidate layers: "
+            f"{', '.join(candidate_layers(model))}"
         )
     return name, modules[name]
 
@@ -136,7 +147,7 @@ def compute_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, method: str
             p.requires_grad_(False)
         kind = _fast_eigen_cam() if method == "eigencam" else getattr(pytorch_grad_cam,
                                                                       METHODS[method])
-        cam = kind(model=model, target_layers=[layer])
+        cam = kind(model=model, target_layers=[layer], reshape_transform=token_reshape(model, x))
         with torch.enable_grad():
             grey = cam(input_tensor=x, targets=[goal])
         logits = cam.outputs.detach()[0]
@@ -151,6 +162,9 @@ def compute_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, method: str
         model.train(was_training)
     if goal.index is None:  # gradient-free methods (EigenCAM) never call the target
         goal.index = int(logits.argmax())
+    if not np.any(grey[0] > 0):  # a blank overlay would read as "no evidence anywhere"
+        log.warning("%s: the %s map is empty at this layer (no positive weights for class %d);"
+                    " try another method or --layer", type(model).__name__, method, goal.index)
     return np.clip(grey[0], 0.0, 1.0).astype(np.float32), logits, goal.index
 
 
