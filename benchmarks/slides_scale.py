@@ -132,7 +132,7 @@ def main() -> None:
     t = time.perf_counter()  # started here even without ray rows: the same load for all
     ray.init(num_cpus=args.cores, include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - t
-    outs = {"in-process loop": args.work / "loop"}
+    outs, runs = {"in-process loop": args.work / "loop"}, {}
     for rep in range(args.repeat):  # interleaved, so a load spike hits every row alike
         for conf in args.configs.split(","):
             engine, workers = conf[:-1], int(conf[-1])
@@ -146,6 +146,7 @@ def main() -> None:
                 raise RuntimeError(f"{name}: {table[['slide', 'status', 'reason']]}")
             # the busiest worker's own slide seconds: the rest is start-up and dispatch
             busy = float(table.groupby("worker")["seconds"].sum().max())
+            runs.setdefault(name, []).append(f"{dt:.1f} ({busy:.1f} scoring)")
             if name not in best or dt < best[name][0]:
                 best[name], outs[name] = (dt, int(table["tiles"].sum()), busy), out
     ray.shutdown()
@@ -173,6 +174,9 @@ def main() -> None:
               f" (goal < 5%: {'met' if over < 0.05 else 'MISSED'}): start-up {r - r_busy:.1f} vs "
               f"{lo - lo_busy:.1f} s, scoring {r_busy:.1f} vs {lo_busy:.1f} s; ray.init itself "
               f"{ray_start:.1f} s, not in the ray rows")
+    if args.repeat > 1:
+        for name, got in runs.items():
+            print(f"  {name}, every run: {', '.join(got)} s")
     defaults = {}
     for f in notes.glob("*.txt"):
         defaults.setdefault(f.stem.split("_")[0], set()).add(int(f.read_text()))
