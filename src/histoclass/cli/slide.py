@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from histoclass.cli._common import Engine, fail, user_errors
+from histoclass.cli._common import Backend, Engine, user_errors
 
 
 def slide(
@@ -88,24 +88,21 @@ def slides(
     model_mpp: float = typer.Option(None, help="Microns per pixel of the model's training "
                                     "images, for models that do not record it."),
     batch_size: int = typer.Option(16, help="Tiles per forward pass."),
-    backend: str = typer.Option("torch", help="torch | onnx (MODEL is then a .onnx export)."),
+    backend: Backend = typer.Option("torch", help="torch | onnx (MODEL is then a .onnx export)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1... (torch backend)."),
 ) -> None:
     """Score many slides on a local process pool or Ray; a rerun skips the finished ones."""
     from functools import partial
 
     from histoclass.api import open_classifier
+    from histoclass.distributed import RayMissingError, check_engine
     from histoclass.models import CheckpointError
     from histoclass.slides import SlideOptions
     from histoclass.slides.engine import run_slides
 
     opts = SlideOptions(mpp=mpp, model_mpp=model_mpp, batch_size=batch_size, workers=1)
-    with user_errors(CheckpointError):
-        if engine == "ray":
-            try:
-                import ray  # noqa: F401
-            except ImportError:
-                fail("--engine ray needs Ray: pip install 'histoclass[ray]'")
+    with user_errors(CheckpointError, RayMissingError):
+        check_engine(engine, workers)
         open_classifier(model, backend, "cpu")  # a bad model is one error, before any worker
         table = run_slides(partial(open_classifier, model, backend, device), slides_in, out,
                            engine, workers, address, gpus_per_worker, opts,

@@ -24,15 +24,14 @@ from typing import Any
 
 import pandas as pd
 
+from histoclass.distributed import RETRIES, check_engine, start_actors, stop_actors
 from histoclass.slides.batch import expand_slides
 from histoclass.slides.reader import SlideError
 from histoclass.slides.run import SlideOptions, predict_slide
 
 log = logging.getLogger(__name__)
-ENGINES = ("local", "ray")
 COLUMNS = ("slide", "path", "patient_id", "status", "reason", "verdict",
            "top_k_mean_p_malignant", "tiles", "seconds", "worker")
-RETRIES = 3  # restarts of a dead Ray actor, and retries of the slide it was scoring
 # Test hook: "STEM:MARKER" makes the worker scoring slide STEM exit after its first batch, once
 # (the MARKER file records that it happened), to check that a killed worker is retried.
 CRASH_ENV = "HISTOCLASS_CRASH_ONCE"
@@ -157,19 +156,12 @@ def run_slides(open_model: Callable[[], Any], slides: str | Path | Sequence[dict
 
     Raises:
         ValueError: Unknown engine, workers < 1, or bad SLIDES.
-        ImportError: ``engine="ray"`` without Ray (the message names the ``ray`` extra).
+        histoclass.distributed.RayMissingError: ``engine="ray"`` without Ray (an ``ImportError``
+            whose message names the ``ray`` extra).
     """
     from histoclass.data.manifest import write_manifest
 
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if workers < 1:
-        raise ValueError(f"--workers {workers} must be >= 1")
-    if engine == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise ImportError("--engine ray needs Ray: pip install 'histoclass[ray]'") from None
+    check_engine(engine, workers)
     items = read_slides(slides) if isinstance(slides, (str, Path)) else list(slides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,13 +226,7 @@ def _run_ray(open_model: Callable[[], Any], todo: list[dict[str, Any]], out: str
              record: Callable[[dict[str, Any]], None]) -> None:
     import ray
 
-    if address is not None:
-        ray.init(address=address, ignore_reinit_error=True)
-    elif not ray.is_initialized():
-        ray.init(num_cpus=workers, include_dashboard=False)
-    actor = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)(SlideWorker)
-    pool = [actor.options(num_cpus=1, num_gpus=gpus).remote(open_model)
-            for _ in range(min(workers, len(todo)))]
+    pool = start_actors(SlideWorker, (open_model,), min(workers, len(todo)), address, gpus)
     pending = {pool[i % len(pool)].run.remote(item, out, options): item
                for i, item in enumerate(todo)}
     while pending:
@@ -253,5 +239,4 @@ def _run_ray(open_model: Callable[[], Any], todo: list[dict[str, Any]], out: str
             record({"slide": Path(item["path"]).name, "path": item["path"],
                     "patient_id": item.get("patient_id"), "status": "failed",
                     "reason": f"Ray worker failed after {RETRIES} retries: {reason}"})
-    for a in pool:
-        ray.kill(a)
+    stop_actors(pool)
