@@ -49,8 +49,7 @@ def predict(
 ) -> None:
     """Predict images, folders or a manifest split with a checkpoint or an ensemble.
 
-    One CSV row per readable image, in input order (the order of the files given, a folder's
-    files sorted), on either engine; unreadable files go to <name>.skipped.csv, also in order.
+    Rows are in input order on both engines (files as given, folders sorted); skips too.
     """
     from functools import partial
 
