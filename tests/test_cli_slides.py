@@ -1,7 +1,10 @@
 """``histoclass slides`` end to end on the local engine: two slides and one bad file -> the run
-manifest's statuses and the per-slide folders; a rerun skips what is done."""
+manifest's statuses and the per-slide folders; a rerun skips what is done; ``histoclass slide``'s
+per-slide options reach every slide."""
 
 from __future__ import annotations
+
+import json
 
 import pandas as pd
 import pytest
@@ -58,3 +61,23 @@ def test_slides_cli_statuses_folders_and_rerun(setup):
                                                                           "failed"]
     assert {s: (out / s / "tiles.csv").stat().st_mtime_ns for s in ("a", "b")} == before
     assert "(2 skipped, 1 failed)" in again.output
+
+
+def test_slide_options_are_forwarded_and_restart_scores_again(setup):
+    root, _, model = setup
+    pd.DataFrame({"path": ["slides/a.tiff"]}).to_csv(root / "a.csv", index=False)
+    out = root / "opts"
+    res = slides(model, root / "a.csv", out, "--top-k", "1", "--min-tissue", "0.9",
+                 "--explain-top", "1", "--readers", "1")
+    assert res.exit_code == 0, res.output
+    s = json.loads((out / "a" / "summary.json").read_text())
+    tiles = pd.read_csv(out / "a" / "tiles.csv")
+    assert s["top_k"] == 1 and s["top_k_mean_p_malignant"] == pytest.approx(
+        tiles["p_malignant"].max())
+    assert s["tissue"]["min_tissue"] == 0.9 and (tiles["tissue"] >= 0.9).all() and len(tiles)
+    assert any((out / "a" / "top").iterdir())  # --explain-top 1 wrote the top tile's figures
+    before = (out / "a" / "summary.json").stat().st_mtime_ns
+    again = slides(model, root / "a.csv", out, "--top-k", "1", "--restart")
+    assert again.exit_code == 0, again.output
+    assert list(pd.read_csv(out / "slides.csv")["status"]) == ["done"]
+    assert (out / "a" / "summary.json").stat().st_mtime_ns > before

@@ -151,7 +151,8 @@ def run_slides(open_model: Callable[[], Any], slides: str | Path | Sequence[dict
         address: Ray cluster to join (``auto``, ``ray://host:10001``); none: a local Ray is started
             unless one is already initialised in this process.
         gpus_per_worker: GPUs reserved by each Ray actor (0: CPU actors).
-        options: Slide settings (``histoclass slide``'s options).
+        options: Slide settings (``histoclass slide``'s options); with ``restart`` the slides
+            an earlier run finished are scored again too.
         on_row: Called with each manifest row as it is written.
 
     Raises:
@@ -177,7 +178,8 @@ def run_slides(open_model: Callable[[], Any], slides: str | Path | Sequence[dict
             continue
         stems[stem] = path
         old = earlier.get(path)
-        if old and old["status"] in ("done", "skipped") and (out / stem / "summary.json").exists():
+        if (not options.restart and old and old["status"] in ("done", "skipped")
+                and (out / stem / "summary.json").exists()):
             rows[path] = {**old, "status": "skipped", "reason": "done in an earlier run"}
         else:
             rows[path] = {"slide": Path(path).name, "path": path, "status": "pending",
