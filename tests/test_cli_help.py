@@ -46,10 +46,10 @@ def test_usage_names_arguments_as_people_write_them():
 def test_choices_are_listed_and_match_the_library():
     from histoclass.api import BACKENDS
     from histoclass.data.splits import PROTOCOLS
+    from histoclass.distributed import ENGINES
     from histoclass.explain import METHODS as CAM
     from histoclass.models.members import FAMILIES
     from histoclass.models.voting import METHODS as ENSEMBLE
-    from histoclass.slides.engine import ENGINES
     from histoclass.stain import METHODS as STAIN
     from histoclass.train.config import CHOICES
 

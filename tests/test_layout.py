@@ -14,7 +14,7 @@ LAYERS = [
     {"histoclass.data", "histoclass.stain", "histoclass.metrics", "histoclass.evidence",
      "histoclass.calibration"},
     {"histoclass.models"},
-    {"histoclass.predict", "histoclass.explain"},
+    {"histoclass.predict", "histoclass.explain", "histoclass.distributed"},
     {"histoclass.train", "histoclass.evaluate", "histoclass.report", "histoclass.deploy",
      "histoclass.slides"},
     {"histoclass.pipeline", "histoclass.api", "histoclass.preflight"},

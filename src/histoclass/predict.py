@@ -228,7 +228,8 @@ def expand_inputs(items: Sequence[str | Path]) -> tuple[pd.DataFrame, list[tuple
 def predict_paths(clf: Classifier, paths: Sequence[str | Path], *,
                   info: pd.DataFrame | None = None, tta: bool = False, batch_size: int = 16,
                   workers: int = 0, executor: str = "thread",
-                  refer_threshold: float | None = None, progress: bool = False) -> Predictions:
+                  refer_threshold: float | None = None, progress: bool = False,
+                  runner: Callable[..., Outputs] = run) -> Predictions:
     """Predict image files.
 
     Args:
@@ -243,12 +244,14 @@ def predict_paths(clf: Classifier, paths: Sequence[str | Path], *,
         executor: ``thread`` or ``process``.
         refer_threshold: Overrides the ensemble's disagreement threshold for ``refer``.
         progress: Show a progress bar.
+        runner: Scores the paths, called as :func:`run` (the Ray engine,
+            :func:`histoclass.distributed.ray_run`, scores chunks on actors).
     """
     paths = [str(p) for p in paths]
     if info is None:
         info = pd.DataFrame([describe(p) for p in paths], columns=[*INFO, "subtype"])
-    out = run(clf, paths, tta=tta, batch_size=batch_size, workers=workers, executor=executor,
-              progress=progress)
+    out = runner(clf, paths, tta=tta, batch_size=batch_size, workers=workers,
+                 executor=executor, progress=progress)
     keep = list(INFO) + (["subtype"] if clf.task == "subtype" else [])
     keep += [c for c in ("split", "protocol", "fold") if c in info.columns]
     frame = info.iloc[out.index].reindex(columns=keep).fillna("").reset_index(drop=True)

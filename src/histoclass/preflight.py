@@ -82,7 +82,7 @@ def validate_run(cfg: Any, specs: list[tuple[str, dict[str, Any]]]) -> None:
         if spec.get("method") not in METHODS or "name" not in spec:
             raise ValueError(f"ensembles[{i}]: needs a name and a method, one of "
                              f"{', '.join(METHODS)}; got {spec!r}")
-    check_block(cfg.predict, kwargs_of(predict_paths, "clf", "paths", "info"), "predict")
+    check_block(cfg.predict, kwargs_of(predict_paths, "clf", "paths", "info", "runner"), "predict")
     check_block(cfg.evaluate, kwargs_of(evaluate_files, "paths"), "evaluate")
 
 

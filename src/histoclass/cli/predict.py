@@ -9,6 +9,7 @@ import typer
 from histoclass.cli._common import (
     EXIT_FAILED,
     Backend,
+    Engine,
     EnsembleMethod,
     Preset,
     Split,
@@ -31,15 +32,34 @@ def predict(
                              "beside it)."),
     tta: bool = typer.Option(False, "--tta", help="Average the 8 flips/90-degree rotations."),
     batch_size: int = typer.Option(16, help="Images per forward pass."),
-    workers: int = typer.Option(2, help="Decoding threads (overlapped with inference)."),
+    workers: int = typer.Option(2, help="Decoding threads (overlapped with inference); with "
+                                "--engine ray, Ray actors (one model each, 2 decoding threads "
+                                "each)."),
     device: str = device_option(),
     refer_threshold: float = typer.Option(
         None, help="Flag refer=1 above this member disagreement (default: the ensemble's)."),
     backend: Backend = typer.Option("torch", help="onnx: MODEL is a .onnx file from histoclass "
                                     "export, run with ONNX Runtime (a .onnx MODEL always is)."),
+    engine: Engine = typer.Option("local", help="local (this process) or ray: the images cut "
+                                  "into one contiguous chunk per actor; either way the CSV rows "
+                                  "and the skipped files are in input order."),
+    address: str = typer.Option(None, help="Ray cluster to join (auto, ray://HOST:10001); "
+                                "default: start a local Ray."),
+    gpus_per_worker: float = typer.Option(0.0, help="GPUs per Ray actor (0: CPU actors)."),
 ) -> None:
-    """Predict images, folders or a manifest split with a checkpoint or an ensemble."""
+    """Predict images, folders or a manifest split with a checkpoint or an ensemble.
+
+    Rows are in input order on both engines (files as given, folders sorted); skips too.
+    """
+    from functools import partial
+
     from histoclass.api import open_classifier
+    from histoclass.distributed import (
+        RayMissingError,
+        WorkerFailedError,
+        check_engine,
+        image_runner,
+    )
     from histoclass.models import CheckpointError
     from histoclass.predict import (
         check_out,
@@ -49,19 +69,26 @@ def predict(
         write_predictions,
     )
 
-    with user_errors(CheckpointError):
+    with user_errors(CheckpointError, RayMissingError):
+        check_engine(engine, workers, fewest=0)  # local: 0 decodes inline
         if (manifest is None) == (not inputs):
             raise ValueError("give either --manifest or image files/folders, not both or neither")
         check_out(out, [model, manifest, *(inputs or [])])  # before any image is decoded
-        clf = open_classifier(model, backend, device)
-        kw = {"tta": tta, "batch_size": batch_size, "workers": workers,
-              "refer_threshold": refer_threshold, "progress": True}
-        if manifest is not None:
-            pred = predict_manifest(clf, manifest, split, fold, **kw)
-        else:
-            info, skipped = expand_inputs(inputs)
-            pred = predict_paths(clf, list(info["path"]), info=info, **kw)
-            pred = pred._replace(skipped=skipped + pred.skipped)
+        # on Ray this copy only names the classes and members (the actors score)
+        clf = open_classifier(model, backend, device if engine == "local" else "cpu")
+        opener = partial(open_classifier, model, backend, device)
+        with image_runner(engine, opener, workers, address, gpus_per_worker) as runner:
+            kw = {"tta": tta, "batch_size": batch_size, "workers": workers,
+                  "refer_threshold": refer_threshold, "progress": True, "runner": runner}
+            try:
+                if manifest is not None:
+                    pred = predict_manifest(clf, manifest, split, fold, **kw)
+                else:
+                    info, skipped = expand_inputs(inputs)
+                    pred = predict_paths(clf, list(info["path"]), info=info, **kw)
+                    pred = pred._replace(skipped=skipped + pred.skipped)
+            except WorkerFailedError as exc:
+                fail(str(exc), EXIT_FAILED)
         csv, skipped_csv = write_predictions(pred, out)
     if pred.skipped:
         typer.secho(f"skipped {len(pred.skipped)} input(s) (listed in {skipped_csv}):",

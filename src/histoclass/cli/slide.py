@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from histoclass.cli._common import Engine, fail, user_errors
+from histoclass.cli._common import Backend, Engine, user_errors
+
+
+def slide_options(**kwargs: Any) -> Any:
+    """The :class:`~histoclass.slides.SlideOptions` of ``histoclass slide`` and ``slides``,
+    checked.
+
+    Raises:
+        ValueError: A batch size or top-k below 1, or a tissue fraction outside [0, 1].
+    """
+    from histoclass.slides import SlideOptions
+
+    opts = SlideOptions(**kwargs)
+    if opts.batch_size < 1 or opts.top_k < 1 or not 0 <= opts.min_tissue <= 1:
+        raise ValueError(f"--batch-size {opts.batch_size} and --top-k {opts.top_k} must be >= 1, "
+                         f"--min-tissue {opts.min_tissue} in [0, 1]")
+    return opts
 
 
 def slide(
@@ -41,16 +58,13 @@ def slide(
     """Score whole slides tile by tile at the model's resolution (resumable)."""
     from histoclass.api import open_classifier
     from histoclass.models import CheckpointError
-    from histoclass.slides import SlideOptions, predict_slides
+    from histoclass.slides import predict_slides
 
-    opts = SlideOptions(mpp=mpp, model_mpp=model_mpp, min_tissue=min_tissue, overlap=overlap,
-                        batch_size=batch_size, workers=workers, threshold=threshold,
-                        top_k=top_k, explain_top=explain_top, refer_threshold=refer_threshold,
-                        restart=restart, progress=True)
     with user_errors(CheckpointError):
-        if batch_size < 1 or top_k < 1 or not 0 <= min_tissue <= 1:
-            raise ValueError(f"--batch-size {batch_size} and --top-k {top_k} must be >= 1, "
-                             f"--min-tissue {min_tissue} in [0, 1]")
+        opts = slide_options(mpp=mpp, model_mpp=model_mpp, min_tissue=min_tissue,
+                             overlap=overlap, batch_size=batch_size, workers=workers,
+                             threshold=threshold, top_k=top_k, explain_top=explain_top,
+                             refer_threshold=refer_threshold, restart=restart, progress=True)
         clf = open_classifier(model, backend, device)
         summaries, skipped = predict_slides(clf, slides, out, opts)
     for s in summaries:
@@ -87,25 +101,39 @@ def slides(
                               "record it."),
     model_mpp: float = typer.Option(None, help="Microns per pixel of the model's training "
                                     "images, for models that do not record it."),
+    min_tissue: float = typer.Option(0.5, help="Score tiles with at least this tissue "
+                                     "fraction; the rest are skipped and counted."),
+    overlap: float = typer.Option(0.0, help="Fraction by which neighbouring tiles overlap."),
     batch_size: int = typer.Option(16, help="Tiles per forward pass."),
-    backend: str = typer.Option("torch", help="torch | onnx (MODEL is then a .onnx export)."),
+    readers: int = typer.Option(1, help="Reader threads per worker (overlapped with "
+                                "inference)."),
+    threshold: float = typer.Option(0.5, help="p(malignant) for a malignant tile, region and "
+                                    "slide verdict."),
+    top_k: int = typer.Option(5, help="The verdict is the mean p(malignant) of the K most "
+                              "malignant tiles."),
+    explain_top: int = typer.Option(0, help="Write the K most malignant tiles and their "
+                                    "Grad-CAM figures to <slide>/top/ (CAMs need .pt)."),
+    refer_threshold: float = typer.Option(
+        None, help="Flag refer=1 above this member disagreement (default: the ensemble's)."),
+    restart: bool = typer.Option(False, "--restart", help="Score every slide again, from its "
+                                 "first tile, instead of skipping or resuming earlier work."),
+    backend: Backend = typer.Option("torch", help="torch | onnx (MODEL is then a .onnx export)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1... (torch backend)."),
 ) -> None:
     """Score many slides on a local process pool or Ray; a rerun skips the finished ones."""
     from functools import partial
 
     from histoclass.api import open_classifier
+    from histoclass.distributed import RayMissingError, check_engine
     from histoclass.models import CheckpointError
-    from histoclass.slides import SlideOptions
     from histoclass.slides.engine import run_slides
 
-    opts = SlideOptions(mpp=mpp, model_mpp=model_mpp, batch_size=batch_size, workers=1)
-    with user_errors(CheckpointError):
-        if engine == "ray":
-            try:
-                import ray  # noqa: F401
-            except ImportError:
-                fail("--engine ray needs Ray: pip install 'histoclass[ray]'")
+    with user_errors(CheckpointError, RayMissingError):
+        check_engine(engine, workers)
+        opts = slide_options(mpp=mpp, model_mpp=model_mpp, min_tissue=min_tissue,
+                             overlap=overlap, batch_size=batch_size, workers=readers,
+                             threshold=threshold, top_k=top_k, explain_top=explain_top,
+                             refer_threshold=refer_threshold, restart=restart)
         open_classifier(model, backend, "cpu")  # a bad model is one error, before any worker
         table = run_slides(partial(open_classifier, model, backend, device), slides_in, out,
                            engine, workers, address, gpus_per_worker, opts,

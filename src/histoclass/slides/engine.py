@@ -5,11 +5,12 @@
 ``histoclass slide``) and keeps a run manifest ``OUT/slides.csv`` (:data:`COLUMNS`: status
 ``done``, ``failed`` with a one-line reason, or ``skipped`` when an earlier run finished it),
 rewritten atomically after every slide, so a rerun does only what is left and one bad slide never
-loses another's results. On Ray each actor loads the model once; an actor that dies is restarted
-and its slide retried (``max_restarts`` / ``max_task_retries``), resuming from the tiles it had
-written. ``open_model`` is a picklable no-argument callable returning a
-:class:`~histoclass.models.classifier.Classifier` (e.g. ``functools.partial`` of
-``histoclass.api.open_classifier``).
+loses another's results. Each worker (process or Ray actor) loads the model once. A worker that
+dies is replaced and its slide retried, resuming from the tiles it had written: on Ray by actor
+restarts (``max_restarts`` / ``max_task_retries``), locally by a new process pool; a slide is
+failed after :data:`~histoclass.distributed.RETRIES` deaths. ``open_model`` is a picklable
+no-argument callable returning a :class:`~histoclass.models.classifier.Classifier` (e.g.
+``functools.partial`` of ``histoclass.api.open_classifier``).
 """
 
 from __future__ import annotations
@@ -24,17 +25,17 @@ from typing import Any
 
 import pandas as pd
 
+from histoclass.distributed import RETRIES, check_engine, start_actors, stop_actors
 from histoclass.slides.batch import expand_slides
 from histoclass.slides.reader import SlideError
 from histoclass.slides.run import SlideOptions, predict_slide
 
 log = logging.getLogger(__name__)
-ENGINES = ("local", "ray")
 COLUMNS = ("slide", "path", "patient_id", "status", "reason", "verdict",
            "top_k_mean_p_malignant", "tiles", "seconds", "worker")
-RETRIES = 3  # restarts of a dead Ray actor, and retries of the slide it was scoring
-# Test hook: "STEM:MARKER" makes the worker scoring slide STEM exit after its first batch, once
-# (the MARKER file records that it happened), to check that a killed worker is retried.
+# Test hook: "STEM:MARKER[,STEM:MARKER...]" makes the worker scoring slide STEM exit after its
+# first batch, once (the MARKER file records that it happened; an empty MARKER: every time), to
+# check that a killed worker is retried.
 CRASH_ENV = "HISTOCLASS_CRASH_ONCE"
 
 
@@ -67,14 +68,15 @@ def read_slides(slides: str | Path) -> list[dict[str, Any]]:
 
 
 def _crash_hook(stem: str) -> Callable[[int, int], None] | None:
-    spec = os.environ.get(CRASH_ENV, "")
-    target, _, marker = spec.partition(":")
-    if not spec or target != stem or Path(marker).exists():
+    specs = dict(spec.partition(":")[::2] for spec in os.environ.get(CRASH_ENV, "").split(","))
+    marker = specs.get(stem)
+    if marker is None or (marker and Path(marker).exists()):
         return None
 
     def crash(done: int, total: int) -> None:
         if done < total:
-            Path(marker).write_text(f"{os.getpid()}\n")
+            if marker:
+                Path(marker).write_text(f"{os.getpid()}\n")
             log.warning("test hook %s: worker %d exits mid-slide", CRASH_ENV, os.getpid())
             os._exit(1)
     return crash
@@ -152,24 +154,18 @@ def run_slides(open_model: Callable[[], Any], slides: str | Path | Sequence[dict
         address: Ray cluster to join (``auto``, ``ray://host:10001``); none: a local Ray is started
             unless one is already initialised in this process.
         gpus_per_worker: GPUs reserved by each Ray actor (0: CPU actors).
-        options: Slide settings (``histoclass slide``'s options).
+        options: Slide settings (``histoclass slide``'s options); with ``restart`` the slides
+            an earlier run finished are scored again too.
         on_row: Called with each manifest row as it is written.
 
     Raises:
         ValueError: Unknown engine, workers < 1, or bad SLIDES.
-        ImportError: ``engine="ray"`` without Ray (the message names the ``ray`` extra).
+        histoclass.distributed.RayMissingError: ``engine="ray"`` without Ray (an ``ImportError``
+            whose message names the ``ray`` extra).
     """
     from histoclass.data.manifest import write_manifest
 
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    if workers < 1:
-        raise ValueError(f"--workers {workers} must be >= 1")
-    if engine == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise ImportError("--engine ray needs Ray: pip install 'histoclass[ray]'") from None
+    check_engine(engine, workers)
     items = read_slides(slides) if isinstance(slides, (str, Path)) else list(slides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +181,8 @@ def run_slides(open_model: Callable[[], Any], slides: str | Path | Sequence[dict
             continue
         stems[stem] = path
         old = earlier.get(path)
-        if old and old["status"] in ("done", "skipped") and (out / stem / "summary.json").exists():
+        if (not options.restart and old and old["status"] in ("done", "skipped")
+                and (out / stem / "summary.json").exists()):
             rows[path] = {**old, "status": "skipped", "reason": "done in an earlier run"}
         else:
             rows[path] = {"slide": Path(path).name, "path": path, "status": "pending",
@@ -211,22 +208,56 @@ def run_slides(open_model: Callable[[], Any], slides: str | Path | Sequence[dict
 def _run_local(open_model: Callable[[], Any], todo: list[dict[str, Any]], out: str,
                options: SlideOptions, workers: int, address: str | None, gpus: float,
                record: Callable[[dict[str, Any]], None]) -> None:
+    """A spawned process pool, at most ``workers`` slides in flight. A dead worker breaks the
+    pool: a new one is made, the slides that were in flight are retried one at a time (so a
+    further death is pinned on its slide; each resumes from the tiles it wrote) before the
+    others go on in parallel; a slide in flight at :data:`RETRIES` deaths is failed."""
+    waiting, suspects, deaths = list(todo), [], {}
+    while waiting or suspects:
+        if suspects:
+            broken, suspects = _pool_round(open_model, suspects, 1, out, options, record)
+        else:
+            broken, waiting = _pool_round(open_model, waiting, min(workers, len(waiting)), out,
+                                          options, record)
+        for item in reversed(broken):
+            deaths[item["path"]] = deaths.get(item["path"], 0) + 1
+            if deaths[item["path"]] < RETRIES:
+                suspects.insert(0, item)
+                continue
+            record({"slide": Path(item["path"]).name, "path": item["path"],
+                    "patient_id": item.get("patient_id"), "status": "failed",
+                    "reason": f"the worker process died on all {RETRIES} attempts at this slide"
+                              " (crash or out of memory); rerun to resume"})
+
+
+def _pool_round(open_model: Callable[[], Any], items: list[dict[str, Any]], width: int, out: str,
+                options: SlideOptions, record: Callable[[dict[str, Any]], None]
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Score ``items`` in order on a new pool of ``width`` processes, ``width`` at a time (so
+    every slide in flight is on a worker). Returns the slides in flight when a worker died (in
+    ``items`` order) and those not yet started; both empty when the pool lasted."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_local_init,
+    rest, broken, flight = list(items), [], {}
+    with ProcessPoolExecutor(width, mp_context=ctx, initializer=_local_init,
                              initargs=(open_model,)) as pool:
-        futures = {pool.submit(_local_task, item, out, options): item for item in todo}
-        for fut in as_completed(futures):
-            item = futures[fut]
-            try:
-                record(fut.result())
-            except BrokenProcessPool as exc:  # a worker died: the pool cannot go on
-                record({"slide": Path(item["path"]).name, "path": item["path"],
-                        "patient_id": item.get("patient_id"), "status": "failed",
-                        "reason": f"worker process died ({exc}); rerun to resume"})
+        while (rest and not broken) or flight:
+            while rest and not broken and len(flight) < width:
+                item = rest.pop(0)
+                flight[pool.submit(_local_task, item, out, options)] = item
+            done, _ = wait(flight, return_when=FIRST_COMPLETED)
+            for fut in done:
+                item = flight.pop(fut)
+                try:
+                    record(fut.result())
+                except BrokenProcessPool:  # the pool cannot go on: its other futures end too
+                    log.warning("a worker process died with %s in flight", item["path"])
+                    broken.append(item)
+    order = {it["path"]: n for n, it in enumerate(items)}
+    return sorted(broken, key=lambda it: order[it["path"]]), rest
 
 
 def _run_ray(open_model: Callable[[], Any], todo: list[dict[str, Any]], out: str,
@@ -234,13 +265,7 @@ def _run_ray(open_model: Callable[[], Any], todo: list[dict[str, Any]], out: str
              record: Callable[[dict[str, Any]], None]) -> None:
     import ray
 
-    if address is not None:
-        ray.init(address=address, ignore_reinit_error=True)
-    elif not ray.is_initialized():
-        ray.init(num_cpus=workers, include_dashboard=False)
-    actor = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)(SlideWorker)
-    pool = [actor.options(num_cpus=1, num_gpus=gpus).remote(open_model)
-            for _ in range(min(workers, len(todo)))]
+    pool = start_actors(SlideWorker, (open_model,), min(workers, len(todo)), address, gpus)
     pending = {pool[i % len(pool)].run.remote(item, out, options): item
                for i, item in enumerate(todo)}
     while pending:
@@ -253,5 +278,4 @@ def _run_ray(open_model: Callable[[], Any], todo: list[dict[str, Any]], out: str
             record({"slide": Path(item["path"]).name, "path": item["path"],
                     "patient_id": item.get("patient_id"), "status": "failed",
                     "reason": f"Ray worker failed after {RETRIES} retries: {reason}"})
-    for a in pool:
-        ray.kill(a)
+    stop_actors(pool)
