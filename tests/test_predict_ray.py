@@ -63,3 +63,17 @@ def test_ray_csv_equals_local_csv(local_ray, tmp_path, caplog):
                                            "reason"].startswith("corrupt or truncated image")
     assert set(local["patient_id"]) == {f"14-{1000 + i}" for i in range(6)}
     assert local["p_malignant"].astype(float).nunique() == 6  # outputs depend on the image
+
+
+def test_workers_beyond_the_cluster_are_capped_not_left_waiting(caplog):
+    from histoclass.distributed import placeable
+
+    with caplog.at_level(logging.WARNING, "histoclass"):
+        assert placeable({"CPU": 2.0}, 4) == 2
+    assert "holds 2 worker(s) of 1 CPU and 0 GPU(s) (it has 2 CPU, 0 GPU); starting 2, not 4" \
+        in caplog.text
+    assert placeable({"CPU": 8.0, "GPU": 1.0}, 4, 0.5) == 2
+    assert placeable({"CPU": 8.0, "GPU": 2.0}, 2, 1.0) == 2
+    with pytest.raises(ValueError, match=r"has 2 CPU\(s\) and 0 GPU\(s\): no room for one worker "
+                       r"of 1 CPU and 1 GPU\(s\); lower --gpus-per-worker"):
+        placeable({"CPU": 2.0}, 1, 1.0)

@@ -87,9 +87,33 @@ def start_actors(cls: type, args: tuple[Any, ...], workers: int, address: str | 
         ray.init(address=address, ignore_reinit_error=True)
     elif not ray.is_initialized():
         ray.init(num_cpus=workers, include_dashboard=False)
+    workers = placeable(ray.cluster_resources(), workers, gpus_per_worker)
     actor = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)(cls)
     return [actor.options(num_cpus=1, num_gpus=gpus_per_worker).remote(*args)
             for _ in range(workers)]
+
+
+def placeable(resources: dict[str, float], workers: int, gpus_per_worker: float = 0.0) -> int:
+    """How many of ``workers`` actors (1 CPU and ``gpus_per_worker`` GPUs each) the cluster's
+    ``resources`` hold: an actor Ray cannot place waits forever with its work, so fewer actors
+    are started (with a warning) rather than a run that never ends.
+
+    Raises:
+        ValueError: Not even one actor fits (e.g. GPUs asked of a CPU-only cluster).
+    """
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    fits = int(cpus // 1)
+    if gpus_per_worker > 0:
+        fits = min(fits, int(gpus // gpus_per_worker + 1e-9))
+    if fits < 1:
+        raise ValueError(f"the Ray cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s): no room for "
+                         f"one worker of 1 CPU and {gpus_per_worker:g} GPU(s); lower "
+                         "--gpus-per-worker or add nodes")
+    if fits < workers:
+        log.warning("the Ray cluster holds %d worker(s) of 1 CPU and %g GPU(s) (it has %g CPU, "
+                    "%g GPU); starting %d, not %d", fits, gpus_per_worker, cpus, gpus, fits,
+                    workers)
+    return min(workers, fits)
 
 
 def stop_actors(actors: Sequence[Any]) -> None:

@@ -266,11 +266,19 @@ def _run_ray(open_model: Callable[[], Any], todo: list[dict[str, Any]], out: str
     import ray
 
     pool = start_actors(SlideWorker, (open_model,), min(workers, len(todo)), address, gpus)
-    pending = {pool[i % len(pool)].run.remote(item, out, options): item
-               for i, item in enumerate(todo)}
+    queue, pending = list(todo), {}
+
+    def give(actor: Any) -> None:  # one slide per actor at a time: the free one takes the next
+        item = queue.pop(0)
+        pending[actor.run.remote(item, out, options)] = (item, actor)
+
+    for actor in pool:
+        give(actor)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        item = pending.pop(ready[0])
+        item, actor = pending.pop(ready[0])
+        if queue:
+            give(actor)
         try:
             record(ray.get(ready[0]))
         except (ray.exceptions.RayError, OSError) as exc:
