@@ -106,8 +106,11 @@ def score_one(clf: Any, item: dict[str, Any], out: str, options: SlideOptions,
 _CLF: Any = None  # the model of a local pool's worker process
 
 
-def _local_init(open_model: Callable[[], Any]) -> None:
+def _local_init(open_model: Callable[[], Any], threads: int) -> None:
     global _CLF
+    import torch
+
+    torch.set_num_threads(threads)  # the cores shared out: N workers x all cores would thrash
     _CLF = open_model()
 
 
@@ -243,7 +246,8 @@ def _pool_round(open_model: Callable[[], Any], items: list[dict[str, Any]], widt
     ctx = multiprocessing.get_context("spawn")
     rest, broken, flight = list(items), [], {}
     with ProcessPoolExecutor(width, mp_context=ctx, initializer=_local_init,
-                             initargs=(open_model,)) as pool:
+                             initargs=(open_model, max(1, (os.cpu_count() or 1) // width))
+                             ) as pool:
         while (rest and not broken) or flight:
             while rest and not broken and len(flight) < width:
                 item = rest.pop(0)
