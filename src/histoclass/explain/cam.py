@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from histoclass.data.field_tiles import InputMode
 from histoclass.data.transforms import Preprocess
 from histoclass.models.classifier import Preparation, StainFn
 
@@ -244,8 +243,7 @@ def model_input(image: np.ndarray, preprocess: Preprocess, stain: StainFn | None
 def explain_image(model: nn.Module, image: np.ndarray, preprocess: Preprocess,
                   classes: list[str], *,
                   method: str = "gradcam", target: str | int | None = "predicted",
-                  layer: str | None = None, stain: StainFn | None = None,
-                  input: InputMode | None = None, head: str = "finetune") -> Explanation:
+                  layer: str | None = None, stain: StainFn | None = None) -> Explanation:
     """Explain one model's output on one original-resolution ``HxWx3`` uint8 image.
 
     Args:
@@ -257,14 +255,7 @@ def explain_image(model: nn.Module, image: np.ndarray, preprocess: Preprocess,
         target: ``predicted``, a class name or index.
         layer: Target layer name; ``None`` finds it (see :func:`find_target_layer`).
         stain: Optional stain normaliser applied before resizing, as in training.
-        input: The member's input mode; ``tiles`` explains tile by tile and stitches the maps
-            (:func:`histoclass.explain.tiles_cam.explain_tiles`, ``head`` as in predict).
     """
-    if input is not None and input.tiles:
-        from histoclass.explain.tiles_cam import explain_tiles
-
-        return explain_tiles(model, image, preprocess, classes, input, method=method,
-                             target=target, layer=layer, stain=stain, head=head)
     layer_name, module = find_target_layer(model, layer)
     x = model_input(image, preprocess, stain)
     cam, logits, index = compute_cam(model, x, module, method, class_index(target, classes))
