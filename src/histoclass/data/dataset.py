@@ -155,7 +155,8 @@ class ManifestDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if self.tiles is not None and self.crop is None:  # evaluation: every tile
             tiles = field_tiles(self.image(i), self.tiles.size, self.tiles.stride)
-            return torch.stack([self.preprocess.normalize(t) for t in tiles]), self.targets[i]
+            x = self.preprocess.normalize(torch.from_numpy(tiles).permute(0, 3, 1, 2))
+            return x.contiguous(), self.targets[i]
         t = torch.from_numpy(self.image(i)).permute(2, 0, 1)
         if self.crop is not None:
             t = self.crop(t)

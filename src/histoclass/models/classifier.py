@@ -82,8 +82,9 @@ class Preparation:
                 arr = np.asarray(pil) if arr is None else arr
                 field = arr if stain is None else stain(arr)
                 tiles = field_tiles(np.ascontiguousarray(field), mode.size, mode.stride)
-                done[key] = (torch.stack([pre.normalize(t) for t in tiles]) if self.normalize
-                             else tiles)
+                # all tiles at once: normalize broadcasts over the leading tile axis
+                done[key] = (pre.normalize(torch.from_numpy(tiles).permute(0, 3, 1, 2))
+                             .contiguous() if self.normalize else tiles)
             if key not in done:
                 if stain is None:
                     pil = Image.fromarray(arr) if pil is None else pil
