@@ -113,3 +113,29 @@ def test_tile_stride_needs_tiles():
         TrainConfig("m.csv", "out", tile_stride=100).check()
     with pytest.raises(ValueError, match="--input 'crop': choose one of resize, tiles"):
         TrainConfig("m.csv", "out", input="crop").check()
+
+
+def test_a_slide_is_read_at_a_tiles_members_native_resolution(tmp_path):
+    pytest.importorskip("openslide", reason="SLIDE TESTS SKIPPED: the 'slides' extra is missing")
+    from histoclass.models import read_checkpoint as read
+    from histoclass.models.checkpoint import atomic_save
+    from histoclass.slides import Slide, SlideOptions, predict_slide
+    from slide_helpers import canvas, sample_images, tiny_member, write_slide
+
+    ckpt = tiny_member(tmp_path / "m.pt", train_mpp=0.5, field=(140, 92), size=64)
+    obj = read(ckpt)
+    obj["meta"]["input"] = {"mode": "tiles", "size": 64, "stride": 64, "edge": ""}
+    atomic_save(obj, ckpt)
+    clf = load_model_file(ckpt)
+    imgs = sample_images(3)
+    image = canvas(1600, 1200, [(128, 128, imgs[0]), (800, 600, imgs[2])])
+    path = write_slide(tmp_path / "s.tiff", image, mpp=0.5)
+    summary = predict_slide(clf, path, tmp_path / "out", SlideOptions(batch_size=4))
+    reading = summary["reading"]  # read at 0.5 um/px, level 0: native pixels, no upsampling
+    assert reading["level"] == 0 and not reading["upsampled"] and reading["level_mpp"] == 0.5
+    tiles = pd.read_csv(tmp_path / "out" / "s" / "tiles.csv")
+    assert (tiles["width"] == 140).all() and (tiles["height"] == 92).all()
+    with Slide(path) as slide:
+        crops = [slide.read(t.x, t.y, t.width, t.height, 0) for t in tiles.itertuples()]
+    np.testing.assert_allclose(clf.predict_images(crops).proba[:, 1], tiles["p_malignant"],
+                               atol=1e-5)
