@@ -23,7 +23,7 @@ LAYERS = [
 NO_TORCH = ("histoclass.data.breakhis", "histoclass.data.images", "histoclass.data.manifest",
             "histoclass.data.scan", "histoclass.data.splits", "histoclass.stain",
             "histoclass.metrics", "histoclass.evaluate", "histoclass.evidence",
-            "histoclass.data.files", "histoclass.calibration")
+            "histoclass.data.files", "histoclass.calibration", "histoclass.data.field_tiles")
 
 
 def _module(path: Path) -> str:

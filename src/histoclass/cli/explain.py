@@ -183,7 +183,13 @@ def _score(ens, items, chosen, klass, layer, steps, road) -> None:
             typer.secho(f"skipped {exc}", fg=typer.colors.YELLOW)
     if not images:
         raise ValueError("no readable images to score")
+    from histoclass.models.tiles import input_of
+
     for m in ens.members:
+        if input_of(m.meta).tiles:  # its maps are stitched from tiles the scorer never cuts
+            raise ValueError(f"faithfulness scoring perturbs one resized input; member {m.name} "
+                             "reads native-resolution tiles (--input tiles): not supported, "
+                             "explain it without scoring")
         rows = score_methods(m.model, m.preprocess, images, ens.classes, chosen, target=klass,
                              layer=layer, steps=steps, road=road, stain=m.stain)
         typer.echo(f"{m.name}: faithfulness on {len(images)} image(s) (higher insertion and "

@@ -11,6 +11,7 @@ from histoclass.cli._common import (
     EXIT_FAILED,
     Amp,
     Balance,
+    InputMode,
     Schedule,
     Select,
     StainMethod,
@@ -66,6 +67,12 @@ def train(
     epochs: int = typer.Option(40, help="Epochs (the study: 40)."),
     batch_size: int = typer.Option(32, help="Global batch (split over torchrun processes)."),
     image_size: int = typer.Option(None, help="Input size; default: the model's own."),
+    input_: InputMode = typer.Option(
+        "resize", "--input", help="resize: squash each field to the input size (the study); "
+        "tiles: native-resolution tiles of the input size (train on a random crop, predict "
+        "the mean over the field's tiles)."),
+    tile_stride: int = typer.Option(None, help="Pixels between tiles with --input tiles "
+                                    "(default: the tile size, no overlap)."),
     lr: float = typer.Option(1e-4, help="Backbone learning rate (Adam)."),
     head_lr: float = typer.Option(1e-3, help="Head learning rate (Adam)."),
     weight_decay: float = typer.Option(0.0, help="Adam weight decay."),
@@ -123,7 +130,8 @@ def train(
         manifest=str(manifest), out=str(out), model=model, model_args=args or None, task=task,
         fold=fold,
         magnification=magnification, epochs=epochs, batch_size=batch_size,
-        image_size=image_size, lr=lr, head_lr=head_lr, weight_decay=weight_decay,
+        image_size=image_size, input=input_, tile_stride=tile_stride, lr=lr, head_lr=head_lr,
+        weight_decay=weight_decay,
         drop_rate=dropout, pretrained=pretrained, weights=str(weights) if weights else None,
         freeze_bn=freeze_bn, warmup_epochs=warmup_epochs, schedule=schedule, patience=patience,
         balance=balance, label_smoothing=label_smoothing, select=select,

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from histoclass.data.breakhis import LABELS
+from histoclass.data.field_tiles import InputMode, field_tiles
 from histoclass.data.files import atomic_write, remove_stale_temps
 from histoclass.data.images import load_rgb
 from histoclass.data.transforms import Augment, Preprocess
@@ -68,14 +69,16 @@ class DecodedCache:
         return arr
 
 
-def load_resized(path: str, pre: Preprocess, stain: PreFn | None = None) -> np.ndarray:
-    """Decode, stain-normalise (optional) and resize one image to ``HxWx3`` uint8."""
+def load_resized(path: str, pre: Preprocess, stain: PreFn | None = None,
+                 native: bool = False) -> np.ndarray:
+    """Decode, stain-normalise (optional) and resize one image to ``HxWx3`` uint8 (``native``:
+    no resize, for native-resolution tiles)."""
     img = load_rgb(path)
     if stain is not None:
         from PIL import Image
 
         img = Image.fromarray(stain(np.asarray(img)))
-    return pre.resize(img)
+    return np.array(img, dtype=np.uint8) if native else pre.resize(img)
 
 
 class ManifestDataset(Dataset):
@@ -91,6 +94,10 @@ class ManifestDataset(Dataset):
         cache_dir: Folder for the decoded-image cache; ``None`` decodes every time.
         stain: Optional whole-image step before resizing (stain normalisation).
         stain_key: Identifies ``stain`` in cache keys (e.g. method and fitted target hash).
+        tiles: Native-resolution tiles (:class:`~histoclass.data.field_tiles.InputMode`) instead
+            of the resize: a training item is one random crop of the tile size (reflect-padded
+            where the field is smaller), an evaluation item the ``Tx3xSxS`` stack of the field's
+            tiles (:func:`~histoclass.data.field_tiles.field_tiles`).
     """
 
     def __init__(
@@ -105,6 +112,7 @@ class ManifestDataset(Dataset):
         cache_dir: str | Path | None = None,
         stain: PreFn | None = None,
         stain_key: str = "",
+        tiles: InputMode | None = None,
     ) -> None:
         if target not in frame.columns:
             raise ValueError(f"target column {target!r} not in manifest {list(frame.columns)}")
@@ -121,6 +129,13 @@ class ManifestDataset(Dataset):
         self.augment = (augment or Augment()).build() if train else None
         self.cache = DecodedCache(cache_dir) if cache_dir else None
         self.stain, self.stain_key = stain, stain_key
+        self.tiles = tiles if tiles is not None and tiles.tiles else None
+        self.crop = None
+        if self.tiles is not None and train:
+            from torchvision.transforms import v2
+
+            self.crop = v2.RandomCrop(self.tiles.size, pad_if_needed=True,
+                                      padding_mode="reflect")
         if stain is not None and not stain_key and cache_dir:
             raise ValueError("a stain step with a cache needs a stain_key to key the cache")
 
@@ -129,16 +144,22 @@ class ManifestDataset(Dataset):
 
     def image(self, i: int) -> np.ndarray:
         """The resized, un-augmented ``HxWx3`` uint8 image of row ``i``."""
-        path = self.paths[i]
+        path, native = self.paths[i], self.tiles is not None
         if self.cache is None:
-            return load_resized(path, self.preprocess, self.stain)
+            return load_resized(path, self.preprocess, self.stain, native)
         return self.cache.get_or_make(
-            path, self.preprocess, self.stain_key,
-            lambda: load_resized(path, self.preprocess, self.stain),
+            path, self.preprocess, self.stain_key + ("|native" if native else ""),
+            lambda: load_resized(path, self.preprocess, self.stain, native),
         )
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.tiles is not None and self.crop is None:  # evaluation: every tile
+            tiles = field_tiles(self.image(i), self.tiles.size, self.tiles.stride)
+            x = self.preprocess.normalize(torch.from_numpy(tiles).permute(0, 3, 1, 2))
+            return x.contiguous(), self.targets[i]
         t = torch.from_numpy(self.image(i)).permute(2, 0, 1)
+        if self.crop is not None:
+            t = self.crop(t)
         if self.augment is not None:
             t = self.augment(t)
         return self.preprocess.normalize(t.contiguous()), self.targets[i]

@@ -22,7 +22,14 @@ image. Test-time augmentation is not exported.
 Metadata (``metadata_props``): ``histoclass`` (format tag), ``preprocess``, ``classes``,
 ``stain`` (JSON; ``null`` without), ``task``, ``arch``, ``method``, ``members`` (JSON names),
 ``refer_threshold``, ``output`` (``probabilities``), ``input`` (``uint8-nhwc`` or
-``float32-nchw-normalised``), ``quantization``, ``histoclass_version``.
+``float32-nchw-normalised``), ``quantization``, ``histoclass_version``, ``input_mode`` (the
+member's checkpoint ``input``, :class:`~histoclass.data.field_tiles.InputMode`, plus ``reduce``:
+``mean-prob`` or, for a linear head, ``mean-logit``).
+
+A ``tiles`` member exports as its network on one tile (``H, W`` = the tile size): the runtime
+cuts each image into the same tiles and averages the graph's outputs per image exactly as
+PyTorch does (:mod:`histoclass.models.tiles`). Ensembles with a tiles member are not exported
+(their combining rule would have to run after the per-image average, outside the graph).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from histoclass._version import __version__
 from histoclass.data.files import write_error
 from histoclass.deploy.graph import set_metadata
 from histoclass.models.ensemble import Ensemble, load_model_file
+from histoclass.models.tiles import head_of, input_of
 from histoclass.models.voting import combine, disagreement
 
 log = logging.getLogger(__name__)
@@ -60,6 +68,11 @@ class ExportModule(nn.Module):
     def __init__(self, ens: Ensemble, uint8_input: bool = True) -> None:
         super().__init__()
         members = list(ens.members)
+        if len(members) > 1 and any(input_of(m.meta).tiles for m in members):
+            raise ValueError("cannot export an ensemble with a tiles member (--input tiles): "
+                             "its tiles are averaged per image before the combining rule, "
+                             "outside one graph; export the members one by one, or use the "
+                             "PyTorch ensemble")
         stains = {json.dumps(m.meta.get("stain"), sort_keys=True) for m in members}
         if len(stains) > 1:
             raise ValueError("cannot export an ensemble whose members use different stain "
@@ -129,6 +142,8 @@ def metadata_of(ens: Ensemble, module: ExportModule, quantization: str = "none")
         "input": "uint8-nhwc" if module.uint8_input else "float32-nchw-normalised",
         "quantization": quantization, "histoclass_version": __version__,
         "resolution": json.dumps(_resolution(ens)),
+        "input_mode": json.dumps({**input_of(first).to_dict(), "reduce": "mean-logit"
+                                  if head_of(first) == "linear" else "mean-prob"}),
     }
 
 

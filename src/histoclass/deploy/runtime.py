@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from histoclass.data.field_tiles import InputMode
 from histoclass.data.images import ImageLoadError
 from histoclass.data.transforms import Preprocess
 from histoclass.models.checkpoint import load_reason, stain_of
@@ -98,6 +99,15 @@ class OnnxClassifier:
             raise ValueError(f"{self.path}: histoclass metadata classes {self.classes!r} / "
                              f"members {self._members!r}: need lists of names")
         self._resolution = Resolution.from_dict(_field(meta, "resolution", self.path, "null"))
+        mode = _field(meta, "input_mode", self.path, "null")  # older exports: resize
+        try:
+            self.input_mode = InputMode.from_dict(mode)
+        except ValueError as exc:
+            raise ValueError(f"{self.path}: histoclass metadata {exc}") from None
+        self.reduce = mode.get("reduce", "mean-prob") if isinstance(mode, dict) else "mean-prob"
+        if self.reduce not in ("mean-prob", "mean-logit"):
+            raise ValueError(f"{self.path}: histoclass metadata input_mode reduce "
+                             f"{self.reduce!r}: choose mean-prob or mean-logit")
         # Current exports take the decoded uint8 NHWC image and normalise inside the
         # graph; older (or uint8_input=False) exports take normalised float32 NCHW.
         self.uint8_input = self.session.get_inputs()[0].type == "tensor(uint8)"
@@ -121,8 +131,10 @@ class OnnxClassifier:
 
     @property
     def preparation(self) -> Preparation:
-        """Stain, then resize to the graph's input size (the graph normalises)."""
-        return Preparation(((self.preprocess, self.stain),), normalize=False)
+        """Stain, then resize to the graph's input size, or cut the native-resolution tiles of a
+        tiles export (the graph normalises)."""
+        return Preparation(((self.preprocess, self.stain),), normalize=False,
+                           inputs=(self.input_mode,))
 
     @property
     def resolution(self) -> Resolution | None:
@@ -136,7 +148,8 @@ class OnnxClassifier:
                 "preprocess": self.preprocess.to_dict(),
                 "stain": json.loads(self.meta.get("stain", "null")),
                 "quantization": self.meta.get("quantization", "none"), "backend": "onnx",
-                "resolution": json.loads(self.meta.get("resolution", "null"))}
+                "resolution": json.loads(self.meta.get("resolution", "null")),
+                "input": self.input_mode.to_dict()}
 
     def predict_prepared(self, items: Sequence[list[np.ndarray]], tta: bool = False) -> Scores:
         """Scores for items of :attr:`preparation`.
@@ -147,10 +160,30 @@ class OnnxClassifier:
         if tta:
             raise ValueError(f"{self.path}: the onnx backend predicts plain images only (no "
                              "--tta); use the PyTorch checkpoint for test-time augmentation")
+        if self.input_mode.tiles:
+            return self._predict_tiles([i[0] for i in items])
         proba, members, dis = self.run_batch(self.model_input(np.stack([i[0] for i in items])))
         if members is None:  # a lone member: itself, in full agreement
             members, dis = proba[None], np.zeros(len(proba), np.float32)
         return Scores(proba, proba.argmax(-1), members, dis)
+
+    def _predict_tiles(self, stacks: Sequence[np.ndarray]) -> Scores:
+        """A lone tiles member: every tile of the batch through the graph, then one row per
+        image as :func:`histoclass.models.tiles.reduce_logits` (mean probability, or the
+        softmax of the mean log-probability, i.e. of the mean logit, for a linear head)."""
+        tiles = np.concatenate(list(stacks))
+        p = np.concatenate([self.run_batch(self.model_input(part))[0]
+                            for part in np.array_split(tiles, -(-len(tiles) // 256))])
+        ends = np.cumsum([len(s) for s in stacks])
+        rows = np.split(p.astype(np.float64), ends[:-1])
+        if self.reduce == "mean-prob":
+            proba = np.stack([r.mean(0) for r in rows])
+        else:
+            z = np.stack([np.log(np.clip(r, 1e-30, None)).mean(0) for r in rows])
+            z = np.exp(z - z.max(1, keepdims=True))
+            proba = z / z.sum(1, keepdims=True)
+        proba = proba.astype(np.float32)
+        return Scores(proba, proba.argmax(-1), proba[None], np.zeros(len(proba), np.float32))
 
     def predict_images(self, images: Sequence[np.ndarray | Image.Image], tta: bool = False
                        ) -> Scores:
@@ -180,7 +213,9 @@ class OnnxClassifier:
             if isinstance(out, str):
                 raise ImageLoadError(p, out)
             arrays.append(out[0])
-        return self.model_input(np.stack(arrays))
+        # A tiles export's input is every tile of every image.
+        return self.model_input(np.concatenate(arrays) if self.input_mode.tiles
+                                else np.stack(arrays))
 
     def run_batch(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Probabilities ``[N, C]``, members' ``[M, N, C]`` and disagreement ``[N]`` (``None``

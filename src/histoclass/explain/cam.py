@@ -15,7 +15,8 @@ function, :func:`compute_cam`. What this module adds:
 - the target is the class's log-odds, ``logit_c - logsumexp(other logits)``: monotone in the
   displayed probability (a plain logit can highlight evidence shared by both classes).
 - the map is computed at the model's input size and resized to the original image, which the
-  preprocessing squashes (no crop), so the map lines up pixel for pixel.
+  preprocessing squashes (no crop), so the map lines up pixel for pixel. A ``tiles`` member's
+  map is stitched from its native-resolution tiles instead (:mod:`histoclass.explain.tiles_cam`).
 
 A model instance must not be explained from two threads at once (hooks are per module).
 """
@@ -131,6 +132,26 @@ def compute_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, method: str
         The map at the input size (``HxW`` float32 in [0, 1]), the logits (1-D) and the index of
         the explained class (``target``, or the argmax when ``None``).
     """
+    grey, _, logits, index = _run_cam(model, x, layer, method, target)
+    if not np.any(grey[0] > 0):  # a blank overlay would read as "no evidence anywhere"
+        log.warning("%s: the %s map is empty at this layer (no positive weights for class %d);"
+                    " try another method or --layer", type(model).__name__, method, index)
+    return np.clip(grey[0], 0.0, 1.0).astype(np.float32), logits[0], index
+
+
+def compute_raw_cams(model: nn.Module, x: torch.Tensor, layer: nn.Module, method: str,
+                     target: int) -> tuple[np.ndarray, torch.Tensor]:
+    """:func:`compute_cam` for a batch ``Bx3xHxW`` explaining class ``target`` in every image,
+    returning the unscaled maps (``Bxhxw`` at the layer's resolution, negative parts cut) and
+    the logits ``BxC``: ``grad-cam`` scales each image's map to [0, 1] on its own, which would
+    make the tiles of one field incomparable."""
+    _, raw, logits, _ = _run_cam(model, x, layer, method, target, raw=True)
+    return np.maximum(np.asarray(raw, np.float32), 0.0), logits
+
+
+def _run_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, method: str,
+             target: int | None, raw: bool = False
+             ) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor, int]:
     import pytorch_grad_cam
 
     if method not in METHODS:
@@ -147,10 +168,12 @@ def compute_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, method: str
             p.requires_grad_(False)
         kind = _fast_eigen_cam() if method == "eigencam" else getattr(pytorch_grad_cam,
                                                                       METHODS[method])
-        cam = kind(model=model, target_layers=[layer], reshape_transform=token_reshape(model, x))
+        cam = (_capturing(kind) if raw else kind)(model=model, target_layers=[layer],
+                                                  reshape_transform=token_reshape(model, x))
         with torch.enable_grad():
-            grey = cam(input_tensor=x, targets=[goal])
-        logits = cam.outputs.detach()[0]
+            grey = cam(input_tensor=x, targets=[goal] * len(x))
+        logits = cam.outputs.detach()
+        captured = getattr(cam, "raw", None)
     finally:
         hook.remove()
         if cam is not None:
@@ -161,11 +184,19 @@ def compute_cam(model: nn.Module, x: torch.Tensor, layer: nn.Module, method: str
             p.grad = grad
         model.train(was_training)
     if goal.index is None:  # gradient-free methods (EigenCAM) never call the target
-        goal.index = int(logits.argmax())
-    if not np.any(grey[0] > 0):  # a blank overlay would read as "no evidence anywhere"
-        log.warning("%s: the %s map is empty at this layer (no positive weights for class %d);"
-                    " try another method or --layer", type(model).__name__, method, goal.index)
-    return np.clip(grey[0], 0.0, 1.0).astype(np.float32), logits, goal.index
+        goal.index = int(logits[0].argmax())
+    return grey, captured, logits, goal.index
+
+
+def _capturing(kind: type) -> type:
+    """``kind`` keeping its maps as computed, before ``grad-cam`` scales them per image."""
+
+    class Capturing(kind):
+        def get_cam_image(self, *args, **kwargs):
+            self.raw = super().get_cam_image(*args, **kwargs)
+            return self.raw
+
+    return Capturing
 
 
 def eigen_projection(activations: np.ndarray) -> np.ndarray:

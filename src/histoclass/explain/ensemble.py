@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from histoclass.explain.cam import Explanation, class_index, explain_image, model_input
+from histoclass.explain.tiles_cam import explain_tiles, field_input, field_probs
 from histoclass.models.ensemble import Ensemble, Member, normalised_weights
+from histoclass.models.tiles import head_of, input_of
 
 
 @dataclass
@@ -52,6 +54,30 @@ def cam_weights(ens: Ensemble) -> list[float]:
     return [1.0] * n
 
 
+def explain_member(m: Member, image: np.ndarray, classes: list[str], *,
+                   method: str = "gradcam", target: str | int | None = "predicted",
+                   layer: str | None = None) -> Explanation:
+    """One member's map through its own input mode: resized, or stitched from its tiles
+    (:func:`histoclass.explain.tiles_cam.explain_tiles`)."""
+    mode = input_of(m.meta)
+    if mode.tiles:
+        return explain_tiles(m.model, image, m.preprocess, classes, mode, method=method,
+                             target=target, layer=layer, stain=m.stain, head=head_of(m.meta))
+    return explain_image(m.model, image, m.preprocess, classes, method=method, target=target,
+                         layer=layer, stain=m.stain)
+
+
+def _member_probs(m: Member, image: np.ndarray) -> np.ndarray:
+    """One member's class probabilities for one image, through its own input mode."""
+    import torch
+
+    mode = input_of(m.meta)
+    if mode.tiles:
+        return field_probs(m.model, field_input(image, m.preprocess, mode, m.stain),
+                           head_of(m.meta))
+    return torch.softmax(m.model(model_input(image, m.preprocess, m.stain))[0], 0).numpy()
+
+
 def explain_ensemble(members: Sequence[Member], image: np.ndarray, classes: list[str], *,
                      weights: Sequence[float] | None = None,
                      fused_probs: np.ndarray | None = None, method: str = "gradcam",
@@ -78,13 +104,11 @@ def explain_ensemble(members: Sequence[Member], image: np.ndarray, classes: list
             import torch
 
             with torch.inference_mode():
-                fused_probs = sum(
-                    wi * torch.softmax(m.model(model_input(image, m.preprocess, m.stain))[0], 0)
-                    .numpy() for wi, m in zip(w, members, strict=True))
+                fused_probs = sum(wi * _member_probs(m, image)
+                                  for wi, m in zip(w, members, strict=True))
         index = int(np.argmax(fused_probs))
-    out = [(m.name, float(wi), explain_image(m.model, image, m.preprocess, classes,
-                                             method=method, target=index, layer=layer,
-                                             stain=m.stain))
+    out = [(m.name, float(wi), explain_member(m, image, classes, method=method, target=index,
+                                              layer=layer))
            for wi, m in zip(w, members, strict=True)]
     if fused_probs is None:
         fused_probs = sum(wi * e.probs for _, wi, e in out)
@@ -101,8 +125,7 @@ def explain_model(ens: Ensemble, image: np.ndarray, *, method: str = "gradcam",
     probabilities."""
     if not ens.is_ensemble:
         m = ens.members[0]
-        return explain_image(m.model, image, m.preprocess, ens.classes, method=method,
-                             target=target, layer=layer, stain=m.stain)
+        return explain_member(m, image, ens.classes, method=method, target=target, layer=layer)
     fused = ens.predict_images([image]).proba[0]
     return explain_ensemble(ens.members, image, ens.classes, weights=cam_weights(ens),
                             fused_probs=fused, method=method, target=target, layer=layer)

@@ -13,7 +13,9 @@ metrics), ``histoclass_version``; optionally ``train_mpp`` (microns per pixel of
 images, ``None``: unknown) and ``train_field`` (``[w, h]`` pixels one input covers; see
 :mod:`histoclass.models.resolution`) and ``model_args`` (extra timm constructor arguments,
 plain-typed; class names resolved by
-:func:`histoclass.models.model_args.resolve_model_args`).
+:func:`histoclass.models.model_args.resolve_model_args`) and ``input`` (``{"mode": "resize" |
+"tiles", "size", "stride", "edge"}``, :class:`histoclass.data.field_tiles.InputMode`; absent:
+``resize``, the study's squash).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from histoclass._version import __version__
+from histoclass.data.field_tiles import InputMode
 from histoclass.data.files import atomic_write
 from histoclass.data.transforms import Preprocess
 from histoclass.models.model_args import resolve_model_args
@@ -152,9 +155,13 @@ def check_meta(meta: dict[str, Any], path: str | Path) -> None:
     if not isinstance(drop, int | float) or not 0 <= drop < 1:
         raise bad("drop_rate", f"{drop!r} must be a number in [0, 1)")
     try:
-        Preprocess.from_dict(meta["preprocess"])
+        pre = Preprocess.from_dict(meta["preprocess"])
+        mode = InputMode.from_dict(meta.get("input"))
     except ValueError as exc:
         raise CheckpointError(f"{path}: checkpoint metadata {exc}") from None
+    if mode.tiles and tuple(pre.input_size) != (mode.size, mode.size):
+        raise bad("input", f"tile size {mode.size} differs from the input size "
+                  f"{list(pre.input_size)}")
 
 
 def check_checkpoint(obj: Any, path: str | Path) -> dict[str, Any]:

@@ -6,10 +6,11 @@ engines ask of a model. Two classes implement it: the PyTorch
 Runtime :class:`~histoclass.deploy.runtime.OnnxClassifier`. Everything crossing it is numpy.
 
 :class:`Preparation` is how every consumer turns a decoded ``HxWx3`` uint8 RGB image into model
-inputs: for each member, its stain normaliser (if any), then a resize to its input size, then
-(PyTorch) its mean/std normalisation. ONNX graphs normalise inside, so their preparation stops
-after the resize. It holds only settings and fitted normalisers, so it pickles into decoding
-pools and workers without the networks.
+inputs: for each member, its stain normaliser (if any), then a resize to its input size (or, for
+a ``tiles`` member, the native-resolution tiles of :mod:`histoclass.data.field_tiles`: a stack
+per image), then (PyTorch) its mean/std normalisation. ONNX graphs normalise inside, so their
+preparation stops after the resize. It holds only settings and fitted normalisers, so it pickles
+into decoding pools and workers without the networks.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from PIL import Image
 
+from histoclass.data.field_tiles import InputMode, field_tiles
 from histoclass.data.transforms import Preprocess
 from histoclass.models.resolution import Resolution
 
@@ -56,20 +59,32 @@ class Preparation:
         steps: ``(preprocess, stain normaliser or None)`` per member, in member order.
         normalize: Return normalised float ``3xHxW`` tensors (PyTorch); ``False`` returns the
             resized ``HxWx3`` uint8 arrays (ONNX graphs normalise inside).
+        inputs: Each member's :class:`~histoclass.data.field_tiles.InputMode` (empty, or a
+            ``resize`` entry: the resize above). A ``tiles`` member gets a ``Tx3xSxS`` tensor
+            (``TxSxSx3`` uint8 unnormalised) of the stain-normalised field's tiles instead.
     """
 
     steps: tuple[tuple[Preprocess, StainFn | None], ...]
     normalize: bool = True
+    inputs: tuple[InputMode, ...] = ()
 
     def __call__(self, image: np.ndarray | Image.Image) -> list[Any]:
         """One input per member for an RGB image, a PIL image or an ``HxWx3`` uint8 array
         (members with equal settings share one)."""
         pil = image if isinstance(image, Image.Image) else None
         arr = None if pil is not None else np.asarray(image)
-        done: dict[tuple[Preprocess, int], Any] = {}
+        done: dict[tuple[Preprocess, int, InputMode], Any] = {}
         out = []
-        for pre, stain in self.steps:
-            key = (pre, id(stain))
+        for i, (pre, stain) in enumerate(self.steps):
+            mode = self.inputs[i] if i < len(self.inputs) else InputMode()
+            key = (pre, id(stain), mode)
+            if key not in done and mode.tiles:
+                arr = np.asarray(pil) if arr is None else arr
+                field = arr if stain is None else stain(arr)
+                tiles = field_tiles(np.ascontiguousarray(field), mode.size, mode.stride)
+                # all tiles at once: normalize broadcasts over the leading tile axis
+                done[key] = (pre.normalize(torch.from_numpy(tiles).permute(0, 3, 1, 2))
+                             .contiguous() if self.normalize else tiles)
             if key not in done:
                 if stain is None:
                     pil = Image.fromarray(arr) if pil is None else pil

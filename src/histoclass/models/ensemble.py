@@ -37,10 +37,12 @@ from histoclass.models.checkpoint import (
     load_reason,
 )
 from histoclass.models.classifier import Preparation, Scores
-from histoclass.models.concat import ConcatHead, features_and_logits
+from histoclass.models.concat import ConcatHead
 from histoclass.models.members import Member, load_member, member_names
 from histoclass.models.published import published_folder, read_published
 from histoclass.models.resolution import Resolution, agreed, of_meta
+from histoclass.models.tiles import Tiles, collate_tiles, head_of, input_of, member_logits
+from histoclass.models.tiles import views as tile_views
 from histoclass.models.voting import METHODS, combine, dihedral, disagreement, stack_features
 
 __all__ = [
@@ -105,8 +107,9 @@ class Ensemble:
 
     @property
     def preparation(self) -> Preparation:
-        """Each member's stain -> resize -> normalise (members differ in input size)."""
-        return Preparation(tuple((m.preprocess, m.stain) for m in self.members))
+        """Each member's stain -> resize (or tiles) -> normalise (members differ in input)."""
+        return Preparation(tuple((m.preprocess, m.stain) for m in self.members),
+                           inputs=tuple(input_of(m.meta) for m in self.members))
 
     @property
     def resolution(self) -> Resolution | None:
@@ -120,6 +123,7 @@ class Ensemble:
                 "members": [{"name": m.name, "arch": m.meta.get("arch", ""),
                              "preprocess": m.preprocess.to_dict(),
                              "stain": m.meta.get("stain"),
+                             "input": input_of(m.meta).to_dict(),
                              "resolution": (r.to_dict() if (r := of_meta(m.meta)) else None)}
                             for m in self.members]}
 
@@ -144,31 +148,36 @@ class Ensemble:
             self.head.to(self.device)
         return self
 
-    def collate(self, items: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
-        """Items of :attr:`preparation` as one ``[N, 3, H, W]`` batch per member."""
-        return [torch.stack([item[m] for item in items]) for m in range(len(self.members))]
+    def collate(self, items: Sequence[list[torch.Tensor]]) -> list[torch.Tensor | Tiles]:
+        """Items of :attr:`preparation` as one ``[N, 3, H, W]`` batch per member (a
+        :class:`~histoclass.models.tiles.Tiles` of all the images' tiles for a tiles member)."""
+        return [collate_tiles([item[i] for item in items]) if input_of(m.meta).tiles
+                else torch.stack([item[i] for item in items])
+                for i, m in enumerate(self.members)]
 
     def prepare(self, image: Any) -> list[torch.Tensor]:
         """One normalised ``3xHxW`` input per member for one RGB image (PIL or array)."""
         return self.preparation(image)
 
     @torch.no_grad()
-    def forward(self, inputs: Sequence[torch.Tensor], features: bool = False
+    def forward(self, inputs: Sequence[torch.Tensor | Tiles], features: bool = False
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Members' probabilities ``[M, N, C]`` and (optionally) pooled features."""
+        """Members' probabilities ``[M, N, C]`` and (optionally) pooled features; a tiles
+        member's are one row per image (:func:`~histoclass.models.tiles.member_logits`)."""
         if len(inputs) != len(self.members):
             raise ValueError(f"{len(inputs)} inputs for {len(self.members)} members")
         probs, feats = [], []
         for m, x in zip(self.members, inputs, strict=True):
-            f, logits = features_and_logits(m.model, x.to(self.device), features)
+            f, logits = member_logits(m.model, x.to(self.device), features, head_of(m.meta))
             probs.append(logits.float().softmax(-1))
             feats.append(f)
         return torch.stack(probs), feats
 
     @torch.no_grad()
-    def predict_proba(self, inputs: Sequence[torch.Tensor], tta: bool = False) -> Output:
+    def predict_proba(self, inputs: Sequence[torch.Tensor | Tiles], tta: bool = False
+                      ) -> Output:
         """Combine the members on one batch per member; ``tta`` averages the 8 dihedral views."""
-        views = [dihedral(x) for x in inputs] if tta else [[x] for x in inputs]
+        views = [tile_views(x, tta) for x in inputs]
         members, head_p = 0.0, 0.0
         for v in range(len(views[0])):
             p, feats = self.forward([vs[v] for vs in views], features=self.method == "concat")

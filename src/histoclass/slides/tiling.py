@@ -58,9 +58,14 @@ class Grid:
 
 def input_mpp(res: Resolution, clf: Classifier) -> float:
     """Microns per input pixel of the member that needs the finest read (members may differ in
-    input size; each resizes the same tile)."""
+    input size; each resizes the same tile, and a ``tiles`` member reads it at its training
+    resolution, native pixels)."""
     finest = math.inf
-    for pre, _ in clf.preparation.steps:
+    prep = clf.preparation
+    for i, (pre, _) in enumerate(prep.steps):
+        if i < len(prep.inputs) and prep.inputs[i].tiles:
+            finest = min(finest, res.mpp)
+            continue
         h, w = pre.input_size
         finest = min(finest, res.microns[0] / w, res.microns[1] / h)
     return finest

@@ -18,8 +18,11 @@ SELECT = {"balanced_accuracy": 1.0, "auc": 1.0, "loss": -1.0}
 CHOICES = {
     "task": ("binary", "subtype"), "schedule": ("constant", "cosine"),
     "balance": ("none", "weights", "sampler"), "select": tuple(SELECT),
-    "amp": ("auto", "off", "bf16", "fp16"),
+    "amp": ("auto", "off", "bf16", "fp16"), "input": ("resize", "tiles"),
 }
+# Settings added after fingerprints were: left out of a fingerprint at these values, so a run
+# saved before them (which had exactly this behaviour) still resumes.
+LATER_DEFAULTS: dict[str, Any] = {"input": "resize", "tile_stride": None}
 # Settings that may change when a run is resumed: how long it trains and where it runs. Every
 # other setting is part of the result (a new setting is too, unless listed here): --resume
 # checks them, with the content of the manifest, the weights file and the stain target, against
@@ -40,7 +43,11 @@ class TrainConfig:
     ``train_mpp`` (microns per pixel of the training images) ``None`` means the BreakHis value of
     the training rows' one magnification, or unknown (see :meth:`RunData.resolution`).
     ``model_args`` are extra timm constructor arguments (``--model-arg``, plain scalars; see
-    :func:`histoclass.models.model_args.parse_model_args`), ``None`` for none.
+    :func:`histoclass.models.model_args.parse_model_args`), ``None`` for none. ``input``
+    ``resize`` squashes each field to the input size (the study); ``tiles`` trains on one random
+    native-resolution crop per sample and validates (and predicts) on the average over the
+    field's tiles, ``tile_stride`` pixels apart (``None``: the tile size, no overlap; see
+    :mod:`histoclass.data.field_tiles`).
     """
 
     manifest: str
@@ -53,6 +60,8 @@ class TrainConfig:
     epochs: int = 40
     batch_size: int = 32
     image_size: int | None = None
+    input: str = "resize"
+    tile_stride: int | None = None
     lr: float = 1e-4
     head_lr: float = 1e-3
     weight_decay: float = 0.0
@@ -93,6 +102,9 @@ class TrainConfig:
                              f"must be in [0, {self.epochs})")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
+        if self.tile_stride is not None and (self.input != "tiles" or self.tile_stride < 1):
+            raise ValueError(f"--tile-stride {self.tile_stride}: needs --input tiles and a "
+                             "stride >= 1 pixel")
         if self.train_mpp is not None and not self.train_mpp > 0:
             raise ValueError(f"--train-mpp {self.train_mpp}: microns per pixel must be > 0")
         if self.model_args:
@@ -120,7 +132,8 @@ def file_sha256(path: str | None) -> str | None:
 def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
     """Every result-affecting setting of ``cfg``, files by content hash (``<name>_sha256``):
     stored in checkpoints, compared by ``--resume``."""
-    out = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE and k not in HASHED}
+    out = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE and k not in HASHED
+           and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
     out.update({f"{k}_sha256": file_sha256(getattr(cfg, k)) for k in HASHED})
     return out
 

@@ -200,13 +200,24 @@ class RunData:
     def make_datasets(self, pre: Preprocess) -> None:
         """Build datasets and loaders once the model's preprocessing is known."""
         from histoclass.data.dataset import ManifestDataset
+        from histoclass.data.field_tiles import InputMode
         from histoclass.data.transforms import Augment
 
         cfg, d = self.cfg, self.d
+        self.input_mode = InputMode()
+        if cfg.input == "tiles":
+            h, w = pre.input_size
+            if h != w:
+                raise ValueError(f"--input tiles: {cfg.model} takes {h}x{w} inputs; tiles are "
+                                 "square (pass --image-size)")
+            self.input_mode = InputMode("tiles", h, cfg.tile_stride or h)
+            if self.input_mode.stride > h:
+                raise ValueError(f"--tile-stride {cfg.tile_stride}: must be in [1, {h}] (the "
+                                 "tile size; a larger stride leaves gaps)")
         cache = cfg.cache_dir
         cache = os.path.join(cfg.out, "cache") if cache == "" else cache
         common = {"classes": self.classes, "target": self.target, "cache_dir": cache,
-                  "stain": self.stain, "stain_key": self.stain_key}
+                  "stain": self.stain, "stain_key": self.stain_key, "tiles": self.input_mode}
         aug = Augment(color_jitter=cfg.color_jitter, hed_jitter=cfg.hed_jitter)
         train_ds = ManifestDataset(self.train_rows, pre, train=True, augment=aug, **common)
         val_ds = ManifestDataset(self.val_rows, pre, train=False, **common)
@@ -224,12 +235,20 @@ class RunData:
                                        num_workers=workers, generator=self.generator,
                                        pin_memory=pin, persistent_workers=False)
         self.val_loader = DataLoader(val_ds, batch_size=per_rank, num_workers=workers,
-                                     pin_memory=pin)
+                                     pin_memory=pin, collate_fn=tile_batch
+                                     if self.input_mode.tiles else None)
 
     def set_epoch(self, epoch: int) -> None:
         """Fix this epoch's order and augmentation seeds."""
         self.sampler.set_epoch(epoch)
         self.generator.manual_seed(epoch_seed(self.cfg.seed, epoch, 1000 + self.d.rank))
+
+
+def tile_batch(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[Any, torch.Tensor]:
+    """Evaluation items of a tiles dataset (``Tx3xSxS``, label) -> ``(Tiles, targets)``."""
+    from histoclass.models.tiles import collate_tiles
+
+    return collate_tiles([x for x, _ in batch]), torch.tensor([y for _, y in batch])
 
 
 def build_data(cfg: TrainConfig, d: Dist) -> RunData:

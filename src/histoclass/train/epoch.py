@@ -202,8 +202,12 @@ def train_one_epoch(net: nn.Module, criterion: nn.Module, optimizer: torch.optim
 
 
 def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: torch.dtype | None = None,
-             channels_last: bool = False) -> dict[str, float | None]:
-    """:func:`metrics` of ``model`` over ``loader``, gathered from every process."""
+             channels_last: bool = False, head: str = "finetune") -> dict[str, float | None]:
+    """:func:`metrics` of ``model`` over ``loader``, gathered from every process. A batch of
+    :class:`~histoclass.models.tiles.Tiles` is scored per field, as predict does
+    (:func:`~histoclass.models.tiles.member_logits` with ``head``)."""
+    from histoclass.models.tiles import Tiles, member_logits
+
     model.eval()
     logits, targets = [], []
     fmt = torch.channels_last if channels_last else torch.preserve_format
@@ -211,7 +215,8 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: torch.dtype | N
         for x, y in loader:
             x = x.to(d.device, non_blocking=True, memory_format=fmt)
             with torch.autocast(d.device.type, dtype=amp) if amp else nullcontext():
-                logits.append(model(x).float().cpu())
+                z = member_logits(model, x, head=head)[1] if isinstance(x, Tiles) else model(x)
+                logits.append(z.float().cpu())
             targets.append(y)
     parts = distributed.gather((torch.cat(logits) if logits else torch.empty(0, 0),
                                 torch.cat(targets) if targets else torch.empty(0)), d)

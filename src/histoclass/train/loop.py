@@ -222,6 +222,7 @@ def _write_epoch(run: _Run, cfg: TrainConfig, row: dict[str, Any], improved: boo
                                   stain=run.data.stain_meta, config=asdict(cfg),
                                   fingerprint=run.fingerprint, history=run.history,
                                   **run.backbone.meta(),
+                                  input=run.data.input_mode.to_dict(),
                                   **run.data.resolution, **extra)
 
     if improved:

@@ -54,13 +54,20 @@ def member_meta(meta: dict[str, Any]) -> dict[str, Any]:
     return portable(out)
 
 
+def _value(meta: dict[str, Any], name: str) -> Any:
+    """One member's ``name``; the input mode is ``meta["input"]["mode"]`` (``--input``)."""
+    if name == "input_mode" and isinstance(meta.get("input"), dict):
+        return meta["input"].get("mode", DEFAULTS[name])
+    return meta.get(name, DEFAULTS[name])
+
+
 def reading(ens: Ensemble) -> dict[str, Any]:
     """Input mode, temperature, referral thresholds, training resolution, constructor arguments
     and stain targets (one value, or one per member where they differ)."""
     metas = [m.meta for m in ens.members]
 
     def key(name: str) -> Any:
-        values = [m.get(name, DEFAULTS[name]) for m in metas]
+        values = [_value(m, name) for m in metas]
         return values[0] if all(v == values[0] for v in values) else \
             {m.name: v for m, v in zip(ens.members, values, strict=True)}
 
