@@ -19,12 +19,16 @@ CHOICES = {
     "task": ("binary", "subtype"), "schedule": ("constant", "cosine"),
     "balance": ("none", "weights", "sampler"), "select": tuple(SELECT),
     "amp": ("auto", "off", "bf16", "fp16"),
+    "head": ("finetune", "linear"),
 }
 # Settings that may change when a run is resumed: how long it trains and where it runs. Every
 # other setting is part of the result (a new setting is too, unless listed here): --resume
 # checks them, with the content of the manifest, the weights file and the stain target, against
 # the checkpoint's ``fingerprint`` (:func:`fingerprint`).
 RESUME_FREE = ("out", "epochs", "patience", "device", "workers", "cache_dir", "resume")
+# A linear probe never resumes (it refits from the feature cache), so a resumed run is always a
+# fine-tuning one: leaving these out keeps runs started before they existed resumable.
+RESUME_FREE += ("head", "feature_cache")
 # Paths whose file content, not their name, is what matters.
 HASHED = ("manifest", "weights", "stain_target")
 
@@ -41,6 +45,10 @@ class TrainConfig:
     the training rows' one magnification, or unknown (see :meth:`RunData.resolution`).
     ``model_args`` are extra timm constructor arguments (``--model-arg``, plain scalars; see
     :func:`histoclass.models.model_args.parse_model_args`), ``None`` for none.
+    ``head`` ``finetune`` is the study's recipe; ``linear`` a logistic-regression probe on the
+    frozen backbone (:mod:`histoclass.train.linear`), whose embeddings are cached in
+    ``feature_cache`` (``None``: ``$HISTOCLASS_FEATURE_CACHE`` or
+    ``~/.cache/histoclass/features``; ``off``: none).
     """
 
     manifest: str
@@ -78,6 +86,8 @@ class TrainConfig:
     workers: int | None = None
     cache_dir: str | None = ""
     resume: bool = False
+    head: str = "finetune"
+    feature_cache: str | None = None
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad setting and its valid values."""
