@@ -183,3 +183,41 @@ def test_embedding_the_classifier_does_not_see_is_refused(manifest, tmp_path, mo
     with pytest.raises(ValueError, match="embedding rule is 'cls\\+mean_patch', which timm's "
                                          "classifier layer does not see"):
         probe(manifest, tmp_path / "r", tmp_path / "cache", model="h0-mini")
+
+
+@pytest.mark.parametrize("method", ["soft", "weighted", "hard", "stack", "concat"])
+def test_ensembles_of_linear_members(members, manifest, tmp_path, method):
+    import histoclass
+    from histoclass.train import fit_ensemble
+
+    ens = fit_ensemble([members["eff"], members["vit"]], method, manifest)
+    ens.save(tmp_path / "e.pt")
+    preds = histoclass.load(tmp_path / "e.pt").predict(images(manifest))
+    assert [p.label for p in preds] == ["benign", "malignant"] * 2
+    assert all(len(p.members) == 2 for p in preds)
+
+
+def test_predict_explain_and_onnx_parity(members, manifest, tmp_path):
+    import histoclass
+
+    runner, test = CliRunner(), images(manifest)
+    for name, path in members.items():
+        torch_csv, onnx_csv = tmp_path / f"{name}.torch.csv", tmp_path / f"{name}.onnx.csv"
+        res = runner.invoke(app, ["predict", str(path), "--manifest", str(manifest), "--split",
+                                  "test", "--out", str(torch_csv)])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(app, ["export", str(path), "--out", str(tmp_path / f"{name}.onnx")])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(app, ["predict", str(tmp_path / f"{name}.onnx"), *test,
+                                  "--backend", "onnx", "--out", str(onnx_csv)])
+        assert res.exit_code == 0, res.output
+        a, b = pd.read_csv(torch_csv), pd.read_csv(onnx_csv)
+        assert a["pred"].tolist() == b["pred"].tolist() == ["benign", "malignant"] * 2
+        assert np.abs(a["p_malignant"].to_numpy() - b["p_malignant"].to_numpy()).max() < 1e-4
+    cam = histoclass.load(members["eff"]).explain(test[1])  # Grad-CAM through the probe
+    assert cam.overlay.shape[:2] == (72, 96)
+    assert float(np.ptp(cam.cam)) > 0
+    res = runner.invoke(app, ["explain", str(members["eff"]), *test, "--out",
+                              str(tmp_path / "cams")])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "cams").glob("*.cam.png"))) == len(test)
