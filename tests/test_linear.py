@@ -221,3 +221,17 @@ def test_predict_explain_and_onnx_parity(members, manifest, tmp_path):
                               str(tmp_path / "cams")])
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "cams").glob("*.cam.png"))) == len(test)
+
+
+def test_stain_target_is_part_of_the_key_and_travels_with_the_member(tmp_path):
+    import histoclass
+
+    manifest = synthetic_manifest(tmp_path / "data", n_train=4, n_val=2, n_test=2)
+    target = images(manifest, "train")[1]
+    probe(manifest, tmp_path / "plain", tmp_path / "cache")
+    best = probe(manifest, tmp_path / "stained", tmp_path / "cache", stain="reinhard",
+                 stain_target=target)
+    meta = read_checkpoint(best)["meta"]
+    assert (meta["linear"]["features"]["cached"], meta["linear"]["features"]["extracted"]) == (0, 6)
+    assert meta["stain"]["method"] == "reinhard"
+    assert histoclass.load(best).describe()["members"][0]["stain"] is not None

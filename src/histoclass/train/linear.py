@@ -143,7 +143,7 @@ def train_linear(cfg: TrainConfig) -> Path:
     """
     _check(cfg)
     out = Path(cfg.out)
-    if (out / "best.pt").exists() or (out / "last.pt").exists():
+    if (out / "done").exists() or (out / "last.pt").exists():  # a best.pt alone: a killed probe
         raise ValueError(f"{out} already holds a run; choose another --out")
     check_output(out, "folder")
     remove_stale_temps(out, older_than=0)
