@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import typer
 
@@ -23,6 +24,7 @@ from histoclass.cli._common import (
 
 # The study's 10 members, in its order.
 ALL_MEMBERS = "v1-b0,v1-b1,v1-b2,v1-b3,v1-b4,v2-b0,v2-b1,v2-b2,v2-b3,v2-s"
+Head = Literal["finetune", "linear"]
 RUN_FILES = ("best.pt", "last.pt", "history.csv", "curves.png", "config.yaml", "done")
 
 
@@ -114,8 +116,15 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt (every "
                                 "result-affecting setting and the manifest's content must "
                                 "match; --epochs, --patience, --device, --workers may change)."),
+    head: Head = typer.Option(
+        "finetune", help="finetune: the study's recipe; linear: frozen backbone, logistic "
+        "regression on its cached embeddings (C chosen on val), folded into the classifier."),
+    feature_cache: str = typer.Option(
+        None, help="--head linear: embeddings cache folder; default $HISTOCLASS_FEATURE_CACHE "
+        "or ~/.cache/histoclass/features, 'off' for none."),
 ) -> None:
-    """Fine-tune one member on MANIFEST's train split, selecting on its val split.
+    """Fine-tune one member on MANIFEST's train split, selecting on its val split
+    (--head linear: fit a linear probe on the frozen backbone instead).
 
     The test split is never read. Under torchrun the same command trains with
     DistributedDataParallel.
@@ -140,6 +149,7 @@ def train(
         seed=seed, device=device,
         amp=amp, channels_last=channels_last, workers=workers,
         cache_dir=None if cache_dir == "off" else cache_dir, resume=resume,
+        head=head, feature_cache=feature_cache,
     )
     with _errors():
         best = run(cfg)

@@ -7,6 +7,9 @@ The package reads top-down, each module importing only those above it:
 * :mod:`~histoclass.train.data`: manifest rows, loaders, sampling, stain step.
 * :mod:`~histoclass.train.epoch`: one training epoch, evaluation, metrics, selection.
 * :mod:`~histoclass.train.records`: RNG state, ``config.yaml``, ``history.csv``, curves.
+* :mod:`~histoclass.train.features`: frozen-backbone embeddings and their on-disk cache.
+* :mod:`~histoclass.train.linear`: ``--head linear``, a logistic-regression probe folded into
+  timm's classifier layer.
 * :mod:`~histoclass.train.loop`: :func:`train`, the driver of one run.
 * :mod:`~histoclass.train.many`: :func:`train_all`, several members in turn.
 * :mod:`~histoclass.train.ensembles`: :func:`fit_ensemble`, an ensemble fitted on validation.

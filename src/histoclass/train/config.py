@@ -19,15 +19,17 @@ CHOICES = {
     "task": ("binary", "subtype"), "schedule": ("constant", "cosine"),
     "balance": ("none", "weights", "sampler"), "select": tuple(SELECT),
     "amp": ("auto", "off", "bf16", "fp16"), "input": ("resize", "tiles"),
+    "head": ("finetune", "linear"),
 }
 # Settings added after fingerprints were: left out of a fingerprint at these values, so a run
 # saved before them (which had exactly this behaviour) still resumes.
-LATER_DEFAULTS: dict[str, Any] = {"input": "resize", "tile_stride": None}
+LATER_DEFAULTS: dict[str, Any] = {"input": "resize", "tile_stride": None, "head": "finetune"}
 # Settings that may change when a run is resumed: how long it trains and where it runs. Every
 # other setting is part of the result (a new setting is too, unless listed here): --resume
 # checks them, with the content of the manifest, the weights file and the stain target, against
 # the checkpoint's ``fingerprint`` (:func:`fingerprint`).
-RESUME_FREE = ("out", "epochs", "patience", "device", "workers", "cache_dir", "resume")
+RESUME_FREE = ("out", "epochs", "patience", "device", "workers", "cache_dir", "resume",
+               "feature_cache")
 # Paths whose file content, not their name, is what matters.
 HASHED = ("manifest", "weights", "stain_target")
 
@@ -48,6 +50,10 @@ class TrainConfig:
     native-resolution crop per sample and validates (and predicts) on the average over the
     field's tiles, ``tile_stride`` pixels apart (``None``: the tile size, no overlap; see
     :mod:`histoclass.data.field_tiles`).
+    ``head`` ``finetune`` is the study's recipe; ``linear`` a logistic-regression probe on the
+    frozen backbone (:mod:`histoclass.train.linear`), whose embeddings are cached in
+    ``feature_cache`` (``None``: ``$HISTOCLASS_FEATURE_CACHE`` or
+    ``~/.cache/histoclass/features``; ``off``: none).
     """
 
     manifest: str
@@ -87,6 +93,8 @@ class TrainConfig:
     workers: int | None = None
     cache_dir: str | None = ""
     resume: bool = False
+    head: str = "finetune"
+    feature_cache: str | None = None
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad setting and its valid values."""

@@ -57,6 +57,10 @@ def train(config: TrainConfig) -> Path:
     """
     cfg = config
     cfg.check()
+    if cfg.head == "linear":  # a frozen backbone and a fitted probe: no epochs at all
+        from histoclass.train.linear import train_linear
+
+        return train_linear(cfg)
     owner = not torch.distributed.is_initialized()  # train_all keeps one group for all
     d = distributed.setup(cfg.device)
     try:
