@@ -23,6 +23,7 @@ from histoclass.train.config import TrainConfig
 from histoclass.train.distributed import Dist
 
 if TYPE_CHECKING:
+    from histoclass.data.field_tiles import InputMode
     from histoclass.data.transforms import Preprocess
 
 log = logging.getLogger(__name__)
@@ -200,20 +201,10 @@ class RunData:
     def make_datasets(self, pre: Preprocess) -> None:
         """Build datasets and loaders once the model's preprocessing is known."""
         from histoclass.data.dataset import ManifestDataset
-        from histoclass.data.field_tiles import InputMode
         from histoclass.data.transforms import Augment
 
         cfg, d = self.cfg, self.d
-        self.input_mode = InputMode()
-        if cfg.input == "tiles":
-            h, w = pre.input_size
-            if h != w:
-                raise ValueError(f"--input tiles: {cfg.model} takes {h}x{w} inputs; tiles are "
-                                 "square (pass --image-size)")
-            self.input_mode = InputMode("tiles", h, cfg.tile_stride or h)
-            if self.input_mode.stride > h:
-                raise ValueError(f"--tile-stride {cfg.tile_stride}: must be in [1, {h}] (the "
-                                 "tile size; a larger stride leaves gaps)")
+        self.input_mode = input_mode(cfg, pre)
         cache = cfg.cache_dir
         cache = os.path.join(cfg.out, "cache") if cache == "" else cache
         common = {"classes": self.classes, "target": self.target, "cache_dir": cache,
@@ -254,3 +245,25 @@ def tile_batch(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[Any, torch.Te
 def build_data(cfg: TrainConfig, d: Dist) -> RunData:
     """Read and check the manifest for ``cfg`` (datasets follow via ``make_datasets``)."""
     return RunData(cfg, d)
+
+
+def input_mode(cfg: TrainConfig, pre: Preprocess) -> InputMode:
+    """The member's :class:`~histoclass.data.field_tiles.InputMode` for ``cfg.input``: tiles
+    are the model's (square) input size, ``cfg.tile_stride`` apart.
+
+    Raises:
+        ValueError: A non-square input or a stride larger than the tile.
+    """
+    from histoclass.data.field_tiles import InputMode
+
+    if cfg.input != "tiles":
+        return InputMode()
+    h, w = pre.input_size
+    if h != w:
+        raise ValueError(f"--input tiles: {cfg.model} takes {h}x{w} inputs; tiles are "
+                         "square (pass --image-size)")
+    mode = InputMode("tiles", h, cfg.tile_stride or h)
+    if mode.stride > h:
+        raise ValueError(f"--tile-stride {cfg.tile_stride}: must be in [1, {h}] (the "
+                         "tile size; a larger stride leaves gaps)")
+    return mode

@@ -43,7 +43,8 @@ from histoclass.models.presets import embed
 log = logging.getLogger(__name__)
 ENV = "HISTOCLASS_FEATURE_CACHE"
 DEFAULT_DIR = "~/.cache/histoclass/features"
-INPUT_MODE = "resize"  # the whole field squashed to the input size (data.transforms)
+INPUT_MODE = {"mode": "resize"}  # the whole field squashed to the input size (data.transforms)
+TILE_CHUNK = 256  # tiles per forward pass (as models.tiles.CHUNK)
 
 
 def cache_root(setting: str | None) -> Path | None:
@@ -69,10 +70,11 @@ def weights_sha256(model: nn.Module) -> str:
 
 def setting_key(timm_name: str, model_args: dict[str, Any] | None, weights: str,
                 pre: Preprocess, stain_key: str, rule: str,
-                input_mode: str = INPUT_MODE) -> str:
+                input_mode: dict[str, Any] | None = None) -> str:
     """sha256 of everything but the image that decides an embedding (module docstring)."""
     setting = {"timm_name": timm_name, "model_args": model_args or {}, "weights_sha256": weights,
-               "preprocess": pre.to_dict(), "stain": stain_key, "input_mode": input_mode,
+               "preprocess": pre.to_dict(), "stain": stain_key,
+               "input_mode": input_mode or INPUT_MODE,
                "embedding": rule, "dtype": "float32"}
     return hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -150,8 +152,7 @@ def extract(model: nn.Module, paths: Sequence[str], preparation: Preparation,
                 bad += skipped
                 if not rows:
                     continue
-                x = torch.stack([item[0] for item in items]).to(device)
-                emb = embed(model, x, rule).float().cpu().numpy()
+                emb = _embed_items(model, [item[0] for item in items], rule, device)
                 for r, e in zip(rows, emb, strict=True):
                     i = todo[r]
                     found[i] = np.ascontiguousarray(e, dtype=np.float32)
@@ -167,3 +168,18 @@ def extract(model: nn.Module, paths: Sequence[str], preparation: Preparation,
                          "for one setting; delete the folder and run again")
     return Features(np.stack(found) if found else np.zeros((0, 0), np.float32),
                     len(paths) - len(todo), len(todo))
+
+
+def _embed_items(model: nn.Module, items: list[torch.Tensor], rule: str,
+                 device: torch.device | str) -> np.ndarray:
+    """``[N, D]`` embeddings of N prepared inputs: ``3xHxW`` images (resize), or ``Tx3xSxS``
+    tile stacks (``--input tiles``), whose embedding is the mean of the tiles' (so the folded
+    linear head's logits are the mean of the tiles' logits, as prediction averages them)."""
+    if items[0].ndim == 3:
+        return embed(model, torch.stack(items).to(device), rule).float().cpu().numpy()
+    counts = [len(t) for t in items]
+    x = torch.cat(items)
+    parts = [embed(model, x[i:i + TILE_CHUNK].to(device), rule).float().cpu()
+             for i in range(0, len(x), TILE_CHUNK)]
+    per_tile = torch.cat(parts)
+    return torch.stack([t.mean(0) for t in per_tile.split(counts)]).numpy()

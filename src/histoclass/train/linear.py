@@ -42,7 +42,7 @@ from histoclass.models.classifier import Preparation
 from histoclass.models.sources import resolve_backbone
 from histoclass.train import records
 from histoclass.train.config import TrainConfig, fingerprint
-from histoclass.train.data import build_data
+from histoclass.train.data import build_data, input_mode
 from histoclass.train.distributed import Dist
 from histoclass.train.epoch import better, metrics
 from histoclass.train.features import FeatureCache, cache_root, extract, setting_key
@@ -167,11 +167,12 @@ def train_linear(cfg: TrainConfig) -> Path:
     model = models.create_model(backbone, len(data.classes), pretrained=cfg.pretrained,
                                 weights=cfg.weights, drop_rate=cfg.drop_rate).eval()
     pre = models.model_preprocess(model, cfg.image_size)
+    mode = input_mode(cfg, pre)  # tiles: an image's embedding is the mean of its tiles'
     cache = FeatureCache(cache_root(cfg.feature_cache), setting_key(
         backbone.timm_name, backbone.model_args, backbone_sha256(model), pre, data.stain_key,
-        rule))
+        rule, mode.to_dict()))
     workers = cfg.workers if cfg.workers is not None else min(4, os.cpu_count() or 1)
-    prep = Preparation(((pre, data.stain),))
+    prep = Preparation(((pre, data.stain),), inputs=(mode,))
     feats = {name: extract(model, list(rows["path"]), prep, cache, rule=rule, device=device,
                            batch_size=cfg.batch_size, workers=workers)
              for name, rows in (("train", data.train_rows), ("val", data.val_rows))}
@@ -204,10 +205,12 @@ def train_linear(cfg: TrainConfig) -> Path:
     meta = models.member_meta(cfg.model, backbone.timm_name, data.classes, pre, task=cfg.task,
                               drop_rate=cfg.drop_rate, stain=data.stain_meta, config=asdict(cfg),
                               fingerprint=fingerprint(cfg), metrics=val, head="linear",
-                              linear=linear, **backbone.meta(), **data.resolution)
+                              linear=linear, input=mode.to_dict(), **backbone.meta(),
+                              **data.resolution)
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out / "best.pt", model, meta)
     resolved = {"timm_name": backbone.timm_name, "classes": list(data.classes),
+                "input": mode.to_dict(),
                 "device": str(device), "head": "linear", "C": probe["C"],
                 "train_images": len(data.train_rows), "val_images": len(data.val_rows),
                 "preprocess": pre.to_dict(), "features": linear["features"]}
