@@ -53,12 +53,15 @@ VARIANTS = {"finetune+resize": [], "finetune+tiles": ["--input", "tiles"],
                                                                     "--input", "tiles"]}
 
 
-def histoclass(*args: str, threads: int = 1) -> str:
+def histoclass(*args: str, threads: int = 1, check: bool = True) -> str | None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}"
            f"{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": str(threads)}
     print("$ histoclass " + " ".join(args), flush=True)
     proc = subprocess.run([sys.executable, "-m", "histoclass", *args], env=env,
                           capture_output=True, text=True)
+    if proc.returncode and not check:  # a refusal to report, e.g. stacking on a 1-class val
+        print(proc.stderr.strip().splitlines()[-1], flush=True)
+        return None
     if proc.returncode:
         sys.exit(f"failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -158,6 +161,7 @@ def main() -> None:
             continue
         res = {k: [] for k in (*LITES, "soft", "stack")}
         secs = dict.fromkeys(res, 0.0)
+        refused: dict = {"soft": [], "stack": []}
         for f in folds:
             yv, yt = y[col[f] == "val"], y[col[f] == "test"]
             members = []
@@ -170,14 +174,20 @@ def main() -> None:
             for method in ("soft", "stack"):
                 t0 = time.perf_counter()
                 ens = args.out / variant / f"{method}-fold{f}.pt"
-                if not ens.is_file():
-                    histoclass("ensemble", *map(str, members), "--method", method,
-                               "--manifest", str(manifest), "--fold", str(f), "--out", str(ens),
-                               "--workers", "0", "--device", "cpu")
+                if not ens.is_file() and histoclass(
+                        "ensemble", *map(str, members), "--method", method, "--manifest",
+                        str(manifest), "--fold", str(f), "--out", str(ens), "--workers", "0",
+                        "--device", "cpu", check=False) is None:
+                    refused[method].append(f)
+                    continue
                 res[method].append(scored(ens, manifest, f, yv, yt))
                 secs[method] += time.perf_counter() - t0
         for k, parts in res.items():
             name = f"CLI {variant} " + (f"lite{k}" if k in LITES else f"{k} ensemble")
+            if refused.get(k):
+                lines.append(f"| {name} | refused in fold(s) {refused[k]} (histoclass ensemble "
+                             "said why, above); no pooled figure | | | | | | |")
+                continue
             lines.append(row(name, summary(y_test, parts), secs[k]))
     cross = crossover(args, frame, y, col, folds, feats[0], weights[0]) if args.k else []
     text = "\n".join([*lines, "", *cross, "", machine(time.perf_counter() - t_all, args)])
