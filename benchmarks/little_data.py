@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -69,7 +70,8 @@ def histoclass(*args: str, threads: int = 1, check: bool = True) -> str | None:
 
 def available(flags: list[str], help_text: str) -> bool:
     """Whether every ``--flag`` of a variant is offered by ``histoclass train --help``."""
-    return all(f in help_text for f in flags if f.startswith("--"))
+    return all(re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", help_text)
+               for f in flags if f.startswith("--"))  # --head must not match --head-lr
 
 
 def scores(model: Path, manifest: Path, split: str, fold: int | None) -> np.ndarray:
@@ -189,6 +191,7 @@ def main() -> None:
                              "said why, above); no pooled figure | | | | | | |")
                 continue
             lines.append(row(name, summary(y_test, parts), secs[k]))
+    print("\n".join(lines), flush=True)  # before the crossover, which may be cut short
     cross = crossover(args, frame, y, col, folds, feats[0], weights[0]) if args.k else []
     text = "\n".join([*lines, "", *cross, "", machine(time.perf_counter() - t_all, args)])
     print(text)
