@@ -21,7 +21,8 @@ LAYERS = [
     {"histoclass.cli", "histoclass.app", "histoclass.__main__"},
 ]
 NO_TORCH = ("histoclass.data.breakhis", "histoclass.data.images", "histoclass.data.manifest",
-            "histoclass.data.scan", "histoclass.data.splits", "histoclass.stain",
+            "histoclass.data.scan", "histoclass.data.splits", "histoclass.data.fixed",
+            "histoclass.stain",
             "histoclass.metrics", "histoclass.evaluate", "histoclass.evidence",
             "histoclass.data.files", "histoclass.calibration", "histoclass.data.field_tiles")
 

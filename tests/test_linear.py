@@ -112,7 +112,7 @@ def test_saved_member_outputs_the_folded_probe_on_cached_features(members, manif
 
     model, meta = load_checkpoint(members[which])
     key = setting_key(meta["timm_name"], meta["model_args"], weights_sha256(model),
-                      preprocess_of(meta), "", "cls")
+                      preprocess_of(meta), "", "cls", meta["input"])
     cache = FeatureCache(Path(meta["linear"]["features"]["cache"]), key)
     paths = images(manifest, "val")
     x = np.stack([cache.get(file_sha256(p)) for p in paths])

@@ -25,7 +25,8 @@ import yaml
 log = logging.getLogger(__name__)
 
 SPLIT_SCHEMA = {"protocol": str, "seed": int, "val": float, "test": float, "folds": int,
-                "magnification": str | list[str] | None, "groups": str | None}
+                "magnification": str | list[str] | None, "groups": str | None,
+                "classes": list[str] | None, "test_patients": list[str] | None}
 # The top-level blocks and their types (RunConfig's fields).
 TOP_SCHEMA = {"data": str, "out": str, "name": str, "task": str, "split": dict, "members": list,
               "train": dict, "weights": dict[str, str], "ensembles": list[dict],

@@ -28,6 +28,15 @@ def split(
         None, "--magnification", "-m", help="Keep only this magnification (repeatable)."
     ),
     groups: Path = typer.Option(None, help="CSV path,group for folders of non-BreakHis names."),
+    classes: list[str] = typer.Option(
+        None, "--classes", help="Keep only these BreakHis subtypes, codes or names (repeatable "
+        "or comma-separated), e.g. TA,MC,F,DC."
+    ),
+    test_patients: list[str] = typer.Option(
+        None, "--test-patients", help="Fixed test patients (patient protocol; replaces --test): "
+        "patient or BreakHis slide ids, comma-separated or a file with one id a line. Every "
+        "slide of a listed patient is held out."
+    ),
     workers: int = typer.Option(2, help="Decoding threads."),
 ) -> None:
     """Scan DATA, check every image, and write a split manifest (files are never moved).
@@ -43,8 +52,12 @@ def split(
     with user_errors():
         check_output(target, inputs=(resolve_data(data),))  # before hours of decoding
         result = scan(resolve_data(data), groups=groups, workers=workers, progress=True)
+        from histoclass.data.fixed import parse_ids
+
         frame = make_split(result.frame, protocol, seed=seed, val=val, test=test, folds=folds,
-                           magnifications=magnification or None)
+                           magnifications=magnification or None,
+                           classes=parse_ids(classes) or None,
+                           test_patients=parse_ids(test_patients) or None)
         path = write_manifest(frame, target)
     skipped_csv = report_skipped(result.skipped, target)
     for group in result.duplicates:

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+from histoclass.data.fixed import held_out_groups, keep_classes
+
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("patient", "paper", "kfold")
@@ -167,6 +169,8 @@ def make_split(
     test: float = 0.15,
     folds: int = 5,
     magnifications: list[str] | None = None,
+    classes: list[str] | None = None,
+    test_patients: list[str] | None = None,
 ) -> pd.DataFrame:
     """Add split columns to an image table (see the module docstring for the protocols).
 
@@ -178,6 +182,10 @@ def make_split(
         test: Test fraction (``patient`` and ``paper``).
         folds: Number of folds (``kfold``).
         magnifications: Keep only these magnifications, e.g. ``["40X"]``.
+        classes: Keep only these BreakHis subtypes (codes ``TA`` or names), e.g. eva's 4.
+        test_patients: ``patient`` protocol: these patients (``patient_id`` or BreakHis
+            ``slide_id``, all slides of the patient) are the test split, replacing ``test``;
+            validation patients are carved from the others (see :mod:`histoclass.data.fixed`).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
@@ -193,10 +201,20 @@ def make_split(
         frame = frame[frame["magnification"].isin(wanted)].reset_index(drop=True)
         if frame.empty:
             raise ValueError(f"no image at magnification {wanted}; the data has {known}")
+    if classes:
+        frame = keep_classes(frame, classes)
+    if test_patients and protocol != "patient":
+        raise ValueError(f"--test-patients works with --protocol patient, not {protocol!r}")
     groups = link_groups(frame)
     out = frame.copy()
     out["protocol"] = protocol
-    if protocol == "patient":
+    if test_patients:
+        held = held_out_groups(frame, groups, test_patients)
+        rest = ~groups.isin(held)
+        labels = _patient_labels(frame[rest], groups[rest])
+        where = _carve(labels, {"val": val}, np.random.default_rng(seed))
+        out["split"] = groups.map(where).where(rest, "test")
+    elif protocol == "patient":
         out["split"] = _patient_split(frame, groups, val, test, seed)
     elif protocol == "paper":
         log.warning(LEAK_NOTE)

@@ -54,12 +54,32 @@ MAX_ITER = 2000
 REFIT = "none: the head kept is the one fitted on the train split with the chosen C"
 
 
+ABSENT_LOGIT = -30.0  # classes without train images: softmax weight ~1e-13 of a present class
+
+
 def probe_logits(coef: np.ndarray, intercept: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Logits of a fitted logistic regression, shaped as the folded classifier gives them:
     ``[N, K]``, and for a binary model (one row) ``[-z/2, +z/2]``, whose softmax is
     ``sigmoid(z)``."""
     z = x @ np.asarray(coef, np.float64).T + np.asarray(intercept, np.float64)
     return np.concatenate([-z / 2, z / 2], axis=1) if z.shape[1] == 1 else z
+
+
+def expand_probe(coef: np.ndarray, intercept: np.ndarray, present: list[int], k: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A probe fitted on the ``present`` classes only, as ``k`` output rows: the present ones
+    in their places (a binary probe as ``[-w/2, +w/2]``), the others weight 0 and bias
+    :data:`ABSENT_LOGIT`. All classes present: ``coef``/``intercept`` unchanged."""
+    coef, intercept = np.asarray(coef, np.float64), np.asarray(intercept, np.float64)
+    if len(present) == k:
+        return coef, intercept
+    if coef.shape[0] == 1:
+        coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate(
+            [-intercept / 2, intercept / 2])
+    full_coef = np.zeros((k, coef.shape[1]))
+    full_bias = np.full(k, ABSENT_LOGIT)
+    full_coef[present], full_bias[present] = coef, intercept
+    return full_coef, full_bias
 
 
 def fold_probe(classifier: nn.Module, coef: np.ndarray, intercept: np.ndarray,
@@ -160,10 +180,16 @@ def train_linear(cfg: TrainConfig) -> Path:
                          "use --head finetune, or a backbone whose embedding is 'cls'")
     y = {name: np.array([data.classes.index(v) for v in rows[data.target]])
          for name, rows in (("train", data.train_rows), ("val", data.val_rows))}
-    absent = [c for i, c in enumerate(data.classes) if i not in set(y["train"].tolist())]
-    if absent:
-        raise ValueError(f"--head linear: no train images of class(es) {', '.join(absent)}; a "
-                         "linear probe cannot learn a class it never sees")
+    present = sorted(set(y["train"].tolist()))
+    absent = [c for i, c in enumerate(data.classes) if i not in present]
+    unseen_val = sorted({data.classes[i] for i in set(y["val"].tolist()) - set(present)})
+    if len(present) < 2 or unseen_val:
+        raise ValueError(f"--head linear: no train images of class(es) "
+                         f"{', '.join(unseen_val or absent)}; a linear probe needs two classes "
+                         "and cannot learn a class it never sees")
+    if absent:  # e.g. eva's 4 BreakHis subtypes of the 8: the probe never predicts the others
+        log.warning("--head linear: class(es) %s have no train images; their logit is %g "
+                    "(probability ~0)", ", ".join(absent), ABSENT_LOGIT)
     model = models.create_model(backbone, len(data.classes), pretrained=cfg.pretrained,
                                 weights=cfg.weights, drop_rate=cfg.drop_rate).eval()
     pre = models.model_preprocess(model, cfg.image_size)
@@ -181,10 +207,13 @@ def train_linear(cfg: TrainConfig) -> Path:
     log.info("features: %d cached, %d extracted (%s)", cached, extracted,
              cache.root or "cache off")
     model = model.cpu()
-    probe = fit_probe(feats["train"].x, y["train"], feats["val"].x, y["val"], select=cfg.select,
+    index = {k: j for j, k in enumerate(present)}
+    probe = fit_probe(feats["train"].x, np.array([index[v] for v in y["train"]]), feats["val"].x,
+                      np.array([index[v] for v in y["val"]]), select=cfg.select,
                       balanced=cfg.balance != "none")
-    fold_probe(model.get_classifier(), probe["coef"], probe["intercept"], probe["mean"],
-               probe["scale"])
+    coef, intercept = expand_probe(probe["coef"], probe["intercept"], present,
+                                   len(data.classes))
+    fold_probe(model.get_classifier(), coef, intercept, probe["mean"], probe["scale"])
     with torch.no_grad():  # what the saved member outputs on the validation embeddings
         logits = model.get_classifier()(torch.from_numpy(feats["val"].x))
     val = metrics(logits, torch.as_tensor(y["val"]))
@@ -199,6 +228,7 @@ def train_linear(cfg: TrainConfig) -> Path:
               "standardised": "folded into the classifier (train mean and std)",
               "class_weight": "balanced" if cfg.balance != "none" else None, "refit": REFIT,
               "converged": probe["converged"], "embedding": rule,
+              "absent_classes": {"classes": absent, "logit": ABSENT_LOGIT} if absent else None,
               "features": {"cached": cached, "extracted": extracted,
                            "dim": int(feats["train"].x.shape[1]),
                            "cache": str(cache.root) if cache.root else None}}

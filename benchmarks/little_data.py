@@ -1,0 +1,244 @@
+"""Little data (issue 13 §5): a hand-written frozen-feature baseline vs the histoclass CLI.
+
+On the 40 UCSB breast images (``../shared/data/ucsb-breast``; groups = the tissue-microarray
+block and date, the closest thing to a patient there, per its README), group-disjoint k folds
+(``histoclass split --protocol kfold``): every image is tested once by models that never saw
+its group.
+
+* baseline: frozen ImageNet ``efficientnet_lite0/1/2`` features, 9 native-resolution 224 px
+  tiles per image averaged, logistic regression with ``C`` chosen by inner group CV on the
+  fold's training rows (train + val) only (:mod:`little_data_probe`);
+* CLI: ``histoclass train --model efficientnet_liteK --weights <timm state dict>`` per member
+  and fold (finetune + resize), soft/stack ensembles of the three (``histoclass ensemble``,
+  fitted on val); slots for ``--input tiles`` / ``--head linear`` runs, printed as "not
+  available in this build" when ``histoclass train --help`` does not offer them.
+
+Metrics pooled over folds: accuracy, balanced accuracy, ECE before/after temperature scaling
+(T fitted on held-out scores: the fold's val split for the CLI, inner out-of-fold scores for
+the probe), coverage at ALPHA = 0.1 (threshold from the same held-out scores; a fold where no
+threshold can be certified refers all its images). Crossover: k training images per class,
+fine-tuning vs the frozen probe (lite0).
+
+    python benchmarks/little_data.py --folds 3 --epochs 10 --md /tmp/little.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from little_data_probe import (
+    ALPHA,
+    fit_probe,
+    fold_scores,
+    logits_from_p,
+    summary,
+    tile_features,
+    timm_state_dict,
+)
+from sklearn.metrics import accuracy_score
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "ucsb-breast" / "manifest.csv"
+LITES = (0, 1, 2)
+VARIANTS = {"finetune+resize": [], "finetune+tiles": ["--input", "tiles"],
+            "linear+resize": ["--head", "linear"], "linear+tiles": ["--head", "linear",
+                                                                    "--input", "tiles"]}
+
+
+def histoclass(*args: str, threads: int = 1, check: bool = True) -> str | None:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}"
+           f"{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": str(threads)}
+    print("$ histoclass " + " ".join(args), flush=True)
+    proc = subprocess.run([sys.executable, "-m", "histoclass", *args], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode and not check:  # a refusal to report, e.g. stacking on a 1-class val
+        print(proc.stderr.strip().splitlines()[-1], flush=True)
+        return None
+    if proc.returncode:
+        sys.exit(f"failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def available(flags: list[str], help_text: str) -> bool:
+    """Whether every ``--flag`` of a variant is offered by ``histoclass train --help``."""
+    return all(re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", help_text)
+               for f in flags if f.startswith("--"))  # --head must not match --head-lr
+
+
+def scores(model: Path, manifest: Path, split: str, fold: int | None) -> np.ndarray:
+    """``p_malignant`` of one split, through the library path ``histoclass predict`` uses."""
+    from histoclass.models.ensemble import load_model_file
+    from histoclass.predict import predict_manifest
+
+    pred = predict_manifest(load_model_file(model), manifest, split, fold, workers=0)
+    return pred.frame["p_malignant"].to_numpy(float)
+
+
+def cli_fold(run: Path, manifest: Path, fold: int | None, weights: Path, flags: list[str],
+             args) -> Path:
+    if not (run / "best.pt").is_file():
+        model = f"efficientnet_{weights.stem}"  # weights are written as lite<K>.pth
+        histoclass("train", str(manifest), "--model", model, "--weights", str(weights),
+                   "--out", str(run), "--epochs",
+                   str(args.epochs), "--batch-size", str(args.batch_size), "--image-size",
+                   "224", "--workers", "0", "--device", "cpu", "--cache-dir",
+                   str(args.out / "cache"), *flags,
+                   *(["--fold", str(fold)] if fold is not None else []))
+    return run / "best.pt"
+
+
+def scored(model: Path, manifest: Path, fold: int | None, y_val, y_test) -> dict:
+    zv = logits_from_p(scores(model, manifest, "val", fold))
+    zt = logits_from_p(scores(model, manifest, "test", fold))
+    return fold_scores(zv, y_val, zt)
+
+
+def row(name: str, s: dict | None, seconds: float, note: str = "") -> str:
+    if s is None:
+        return f"| {name} | not available in this build | | | | | | |"
+    cov = f"{s['coverage']:.2f} ({s['certified']}/{s['folds']} folds certified)"
+    err = "-" if s["acc_error"] is None else f"{s['acc_error']:.2f}"
+    return (f"| {name} | {s['acc']:.3f} | {s['bacc']:.3f} | {s['ece']:.3f} | {s['ece_t']:.3f} "
+            f"| {cov} | {err} | {seconds:.0f}{note} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/histoclass-little-data"))
+    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--k", type=int, nargs="*", default=[2, 4, 8],
+                    help="crossover: training images per class (empty: skip)")
+    ap.add_argument("--md", type=Path)
+    args = ap.parse_args()
+    if not args.data.is_file():
+        sys.exit(f"../shared/data absent: {args.data} not found")
+    import torch
+
+    torch.set_num_threads(1)
+    t_all = time.perf_counter()
+    histoclass("split", str(args.data), "--out", str(args.out / "split"), "--protocol",
+               "kfold", "--folds", str(args.folds))
+    manifest = args.out / "split" / "manifest.csv"
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    y = (frame["label"] == "malignant").to_numpy(int)
+    groups = frame["patient_id"].to_numpy()
+    folds = list(range(args.folds))
+    col = {f: frame[f"split_fold{f}"].to_numpy() for f in folds}
+    y_test = np.concatenate([y[col[f] == "test"] for f in folds])
+    weights = {k: timm_state_dict(k, args.out / "weights" / f"lite{k}.pth") for k in LITES}
+    paths = frame["path"].tolist()
+    lines = ["| model | accuracy | bal. acc | ECE | ECE after T | coverage @ALPHA=0.1 "
+             "| error of accepted | s |", "|---|---|---|---|---|---|---|---|"]
+    feats = {}
+    for k in LITES:  # --- the hand-written baseline
+        feats[k] = tile_features(k, weights[k], paths, args.out / "feats" / f"lite{k}.npy")
+    feats["0+1+2"] = np.concatenate([feats[k] for k in LITES], axis=1)
+    chosen = {}
+    for k, x in feats.items():
+        t0, parts = time.perf_counter(), []
+        for f in folds:
+            tr, te = col[f] != "test", col[f] == "test"
+            probe, c, oof = fit_probe(x[tr], y[tr], groups[tr])
+            chosen.setdefault(k, []).append(c)
+            parts.append(fold_scores(oof, y[tr], logits_from_p(probe.predict_proba(x[te])[:, 1])))
+        name = f"baseline: frozen lite{k} tiles + logreg (C {chosen[k]})"
+        lines.append(row(name, summary(y_test, parts), time.perf_counter() - t0))
+    help_text = histoclass("train", "--help")
+    for variant, flags in VARIANTS.items():  # --- the CLI pipeline
+        if not available(flags, help_text):
+            lines += [row(f"CLI {variant} lite{k}", None, 0) for k in LITES]
+            lines += [row(f"CLI {variant} {m} ensemble", None, 0) for m in ("soft", "stack")]
+            continue
+        res = {k: [] for k in (*LITES, "soft", "stack")}
+        secs = dict.fromkeys(res, 0.0)
+        refused: dict = {"soft": [], "stack": []}
+        for f in folds:
+            yv, yt = y[col[f] == "val"], y[col[f] == "test"]
+            members = []
+            for k in LITES:
+                t0 = time.perf_counter()
+                run = args.out / variant / f"lite{k}" / f"fold{f}"
+                members.append(cli_fold(run, manifest, f, weights[k], flags, args))
+                res[k].append(scored(members[-1], manifest, f, yv, yt))
+                secs[k] += time.perf_counter() - t0
+            for method in ("soft", "stack"):
+                t0 = time.perf_counter()
+                ens = args.out / variant / f"{method}-fold{f}.pt"
+                if not ens.is_file() and histoclass(
+                        "ensemble", *map(str, members), "--method", method, "--manifest",
+                        str(manifest), "--fold", str(f), "--out", str(ens), "--workers", "0",
+                        "--device", "cpu", check=False) is None:
+                    refused[method].append(f)
+                    continue
+                res[method].append(scored(ens, manifest, f, yv, yt))
+                secs[method] += time.perf_counter() - t0
+        for k, parts in res.items():
+            name = f"CLI {variant} " + (f"lite{k}" if k in LITES else f"{k} ensemble")
+            if refused.get(k):
+                lines.append(f"| {name} | refused in fold(s) {refused[k]} (histoclass ensemble "
+                             "said why, above); no pooled figure | | | | | | |")
+                continue
+            lines.append(row(name, summary(y_test, parts), secs[k]))
+    print("\n".join(lines), flush=True)  # before the crossover, which may be cut short
+    cross = crossover(args, frame, y, col, folds, feats[0], weights[0]) if args.k else []
+    text = "\n".join([*lines, "", *cross, "", machine(time.perf_counter() - t_all, args)])
+    print(text)
+    if args.md:
+        args.md.write_text(text + "\n")
+
+
+def crossover(args, frame, y, col, folds, x, weights) -> list[str]:
+    """k training images per class (from each fold's train split, seed 0): lite0 fine-tuned
+    through the CLI (selecting on the fold's val split) vs the frozen lite0 probe (C by inner
+    CV on the k-per-class images); both scored on the fold's test groups, pooled."""
+    out = ["| train images per class | finetune+resize acc | frozen probe acc | test images |",
+           "|---|---|---|---|"]
+    rng = np.random.default_rng(0)
+    for k in args.k:
+        yt_all, ft_all, pr_all = [], [], []
+        for f in folds:
+            tr = np.flatnonzero(col[f] == "train")
+            pick = np.concatenate([rng.permutation(tr[y[tr] == c])[:k] for c in (0, 1)])
+            te = col[f] == "test"
+            probe, _, _ = fit_probe(x[pick], y[pick], None)
+            sub = frame.drop(columns=[c for c in frame if c.startswith("split_fold")] + ["fold"])
+            split = np.where(np.isin(np.arange(len(frame)), pick), "train", col[f])
+            keep = (split != "train") | np.isin(np.arange(len(frame)), pick)
+            sub = sub.assign(split=split, protocol="patient")[keep]
+            man = args.out / "crossover" / f"k{k}-fold{f}" / "manifest.csv"
+            man.parent.mkdir(parents=True, exist_ok=True)
+            sub.to_csv(man, index=False)
+            best = cli_fold(man.parent / "run", man, None, weights, [], args)
+            yt_all.append(y[te])
+            ft_all.append((scores(best, man, "test", None) > 0.5).astype(int))
+            pr_all.append(probe.predict(x[te]))
+        yt = np.concatenate(yt_all)
+        out.append(f"| {k} | {accuracy_score(yt, np.concatenate(ft_all)):.3f} | "
+                   f"{accuracy_score(yt, np.concatenate(pr_all)):.3f} | {len(yt)} |")
+    return out
+
+
+def machine(seconds: float, args) -> str:
+    import timm
+    import torch
+
+    return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU, "
+            f"torch {torch.__version__}, timm {timm.__version__}, 1 thread per run, "
+            f"{args.folds} folds, {args.epochs} epochs, batch {args.batch_size}, ALPHA {ALPHA}; "
+            f"total {seconds:.0f} s wall")
+
+
+if __name__ == "__main__":
+    main()
