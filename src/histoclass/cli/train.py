@@ -11,6 +11,7 @@ from histoclass.cli._common import (
     EXIT_FAILED,
     Amp,
     Balance,
+    Calibrate,
     Schedule,
     Select,
     StainMethod,
@@ -107,6 +108,14 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from <out>/last.pt (every "
                                 "result-affecting setting and the manifest's content must "
                                 "match; --epochs, --patience, --device, --workers may change)."),
+    calibrate: Calibrate = typer.Option(
+        "temperature", help="temperature: fit T on the val split's logits of best.pt (stored "
+        "in it, applied before softmax at predict time); none: T = 1."),
+    refer_risk: float = typer.Option(
+        None, help="Refer images below the lowest val confidence whose accepted images have "
+        "error <= this with probability 1 - --refer-delta (Clopper-Pearson, Learn then Test)."),
+    refer_delta: float = typer.Option(0.1, help="Allowed probability that --refer-risk's "
+                                      "bound is wrong."),
 ) -> None:
     """Fine-tune one member on MANIFEST's train split, selecting on its val split.
 
@@ -132,6 +141,7 @@ def train(
         seed=seed, device=device,
         amp=amp, channels_last=channels_last, workers=workers,
         cache_dir=None if cache_dir == "off" else cache_dir, resume=resume,
+        calibrate=calibrate, refer_risk=refer_risk, refer_delta=refer_delta,
     )
     with _errors():
         best = run(cfg)

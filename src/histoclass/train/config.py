@@ -18,13 +18,15 @@ SELECT = {"balanced_accuracy": 1.0, "auc": 1.0, "loss": -1.0}
 CHOICES = {
     "task": ("binary", "subtype"), "schedule": ("constant", "cosine"),
     "balance": ("none", "weights", "sampler"), "select": tuple(SELECT),
-    "amp": ("auto", "off", "bf16", "fp16"),
+    "amp": ("auto", "off", "bf16", "fp16"), "calibrate": ("temperature", "none"),
 }
 # Settings that may change when a run is resumed: how long it trains and where it runs. Every
 # other setting is part of the result (a new setting is too, unless listed here): --resume
 # checks them, with the content of the manifest, the weights file and the stain target, against
 # the checkpoint's ``fingerprint`` (:func:`fingerprint`).
-RESUME_FREE = ("out", "epochs", "patience", "device", "workers", "cache_dir", "resume")
+# Calibration is fitted after the last epoch and changes no weight, so it may change too.
+RESUME_FREE = ("out", "epochs", "patience", "device", "workers", "cache_dir", "resume",
+               "calibrate", "refer_risk", "refer_delta")
 # Paths whose file content, not their name, is what matters.
 HASHED = ("manifest", "weights", "stain_target")
 
@@ -78,6 +80,9 @@ class TrainConfig:
     workers: int | None = None
     cache_dir: str | None = ""
     resume: bool = False
+    calibrate: str = "temperature"
+    refer_risk: float | None = None
+    refer_delta: float = 0.1
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad setting and its valid values."""
@@ -93,6 +98,10 @@ class TrainConfig:
                              f"must be in [0, {self.epochs})")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must be in [0, 1)")
+        if self.refer_risk is not None and not 0 < self.refer_risk < 1:
+            raise ValueError(f"--refer-risk {self.refer_risk}: must be in (0, 1)")
+        if not 0 < self.refer_delta < 1:
+            raise ValueError(f"--refer-delta {self.refer_delta}: must be in (0, 1)")
         if self.train_mpp is not None and not self.train_mpp > 0:
             raise ValueError(f"--train-mpp {self.train_mpp}: microns per pixel must be > 0")
         if self.model_args:
