@@ -214,3 +214,27 @@ def calibrate_logits(logits: np.ndarray, labels: Sequence[int], method: str = "t
                         val_error=found["val_error"], val_coverage=found["val_coverage"],
                         accepted=round(found["val_coverage"] * len(y)))
     return {"temperature": t, "calibration": record, "refer_risk": rule}
+
+
+def uncalibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """The ``softmax(z)`` behind ``probs = softmax(z / T)``: ``p ** T`` renormalised (exact,
+    since ``p_k`` is proportional to ``exp(z_k / T)``)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        raw = np.asarray(probs, float) ** temperature
+        return raw / raw.sum(axis=1, keepdims=True)
+
+
+def referral(confidence: Sequence[float], threshold: float | None,
+             disagree: np.ndarray | None = None, error: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """``(refer 0/1, refer_reason)`` per image: low confidence (``confidence < threshold``),
+    members that disagree and/or an ``error`` row (always referred, its reason is in the
+    ``error`` column); the reason is empty for images that are not referred."""
+    conf = np.asarray(confidence, float)
+    low = conf < threshold if threshold is not None else np.zeros(len(conf), bool)
+    dis = np.zeros(len(conf), bool) if disagree is None else np.asarray(disagree, bool)
+    reasons = ["; ".join(([f"low confidence {c:.2f} < {threshold:.2f}"] if lo else [])
+                         + (["members disagree"] if d else []))
+               for c, lo, d in zip(conf, low, dis, strict=True)]
+    err = np.zeros(len(conf), bool) if error is None else np.asarray(error, bool)
+    return (low | dis | err).astype(int), np.array(reasons, dtype=object)

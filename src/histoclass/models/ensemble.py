@@ -114,6 +114,17 @@ class Ensemble:
         return agreed([(m.name, of_meta(m.meta)) for m in self.members], "ensemble"
                       if self.is_ensemble else self.members[0].name)
 
+    @property
+    def temperature(self) -> float:
+        """The temperature already in :attr:`Scores.proba` (a lone member's, else 1)."""
+        return 1.0 if self.is_ensemble else float(self.members[0].meta.get("temperature", 1.0))
+
+    @property
+    def confidence_threshold(self) -> float | None:
+        """Refer below this top probability (a lone member's ``--refer-risk`` threshold)."""
+        return None if self.is_ensemble else (self.members[0].meta.get("refer_risk") or {}).get(
+            "threshold")
+
     def describe(self) -> dict[str, Any]:
         """Members, their preprocessing and stain normalisers, in plain types."""
         return {"method": self.method, "classes": self.classes, "task": self.task,
@@ -161,7 +172,8 @@ class Ensemble:
         probs, feats = [], []
         for m, x in zip(self.members, inputs, strict=True):
             f, logits = features_and_logits(m.model, x.to(self.device), features)
-            probs.append(logits.float().softmax(-1))
+            # each member's temperature (fitted on its val split by train) before softmax
+            probs.append((logits.float() / m.meta.get("temperature", 1.0)).softmax(-1))
             feats.append(f)
         return torch.stack(probs), feats
 
