@@ -74,3 +74,33 @@ def test_train_calibrate_none_and_bad_risk(manifest, tmp_path):
         train(tiny(manifest, tmp_path / "x", refer_risk=1.5))
     with pytest.raises(ValueError, match=r"--calibrate 'platt': choose one of temperature"):
         train(tiny(manifest, tmp_path / "x", calibrate="platt"))
+
+
+def test_cli_train_refer_risk_then_predict_shows_confidence_and_reason(manifest, tmp_path):
+    from typer.testing import CliRunner
+
+    from histoclass.cli import app
+
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, [
+        "train", str(manifest), "--out", str(run), "--model", TINY, "--no-pretrained",
+        "--epochs", "3", "--batch-size", "8", "--image-size", "64", "--lr", "1e-2",
+        "--head-lr", "1e-2", "--workers", "0", "--device", "cpu", "--refer-risk", "0.5"])
+    assert res.exit_code == 0, res.output
+    meta = read_checkpoint(run / "best.pt")["meta"]
+    rule = meta["refer_risk"]
+    assert rule["alpha"] == 0.5 and rule["delta"] == 0.1 and rule["images"] == 8
+    images = sorted(str(p) for p in (Path(manifest).parent / "images").glob("*.png"))[:6]
+    res = CliRunner().invoke(app, ["predict", str(run / "best.pt"), *images, "--out",
+                                   str(tmp_path / "p.csv")])
+    assert res.exit_code == 0, res.output
+    frame = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+    assert (frame["confidence"] >= 0.5).all()
+    if meta["temperature"] != 1.0:
+        assert "raw.p_malignant" in frame.columns
+    if rule["threshold"] is None:  # 8 val images: a refusal is stated, never a fake rule
+        assert "no confidence threshold" in rule["reason"] and "refer" not in frame.columns
+    else:
+        low = frame["confidence"] < rule["threshold"]
+        assert frame["refer"].tolist() == low.astype(int).tolist()
+        assert all(r.startswith("low confidence") for r in frame.loc[low, "refer_reason"])
