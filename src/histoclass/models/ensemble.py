@@ -122,8 +122,8 @@ class Ensemble:
     @property
     def confidence_threshold(self) -> float | None:
         """Refer below this top probability (a lone member's ``--refer-risk`` threshold)."""
-        return None if self.is_ensemble else (self.members[0].meta.get("refer_risk") or {}).get(
-            "threshold")
+        rule = None if self.is_ensemble else self.members[0].meta.get("refer_risk")
+        return (rule or {}).get("threshold")
 
     def describe(self) -> dict[str, Any]:
         """Members, their preprocessing and stain normalisers, in plain types."""
@@ -166,13 +166,12 @@ class Ensemble:
     @torch.no_grad()
     def forward(self, inputs: Sequence[torch.Tensor], features: bool = False
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Members' probabilities ``[M, N, C]`` and (optionally) pooled features."""
+        """Members' probabilities ``[M, N, C]`` (after their temperatures) and pooled features."""
         if len(inputs) != len(self.members):
             raise ValueError(f"{len(inputs)} inputs for {len(self.members)} members")
         probs, feats = [], []
         for m, x in zip(self.members, inputs, strict=True):
             f, logits = features_and_logits(m.model, x.to(self.device), features)
-            # each member's temperature (fitted on its val split by train) before softmax
             probs.append((logits.float() / m.meta.get("temperature", 1.0)).softmax(-1))
             feats.append(f)
         return torch.stack(probs), feats
