@@ -56,3 +56,44 @@ def test_refer_threshold_refuses_when_nothing_passes():
     assert cal.choose_refer_threshold([0.9] * 5, [True] * 5, alpha=0.05) is None
     with pytest.raises(ValueError, match="alpha"):
         cal.choose_refer_threshold([0.9], [True], alpha=0.0)
+
+
+def test_calibrate_logits_recovers_a_known_scale():
+    # logits k * (ln 3, 0), 3 of 4 labelled 0: softmax(logits / k) gives 3/4, the empirical
+    # rate, so the NLL optimum is T = k exactly
+    logits = np.tile([3 * np.log(3), 0.0], (4, 1))
+    rec = cal.calibrate_logits(logits, [0, 0, 0, 1])
+    assert rec["temperature"] == pytest.approx(3.0, rel=1e-4)
+    c = rec["calibration"]
+    assert c["images"] == 4 and c["nll_after"] < c["nll_before"]
+    # after: confidence 0.75 and accuracy 0.75 in one bin
+    assert c["ece_after"] == pytest.approx(0.0, abs=1e-4)
+    assert rec["refer_risk"] is None
+
+
+def test_calibrate_logits_none_and_no_images():
+    logits = np.tile([3 * np.log(3), 0.0], (4, 1))
+    rec = cal.calibrate_logits(logits, [0, 0, 0, 1], method="none")
+    assert rec["temperature"] == 1.0 and rec["calibration"]["reason"] == "calibration none"
+    empty = cal.calibrate_logits(np.zeros((0, 2)), [])
+    assert empty["temperature"] == 1.0
+    assert empty["calibration"] == {"images": 0, "method": "temperature",
+                                    "reason": "no validation images"}
+    with pytest.raises(ValueError, match="choose one of temperature, none"):
+        cal.calibrate_logits(logits, [0, 0, 0, 1], method="platt")
+
+
+def test_calibrate_logits_refer_rule_and_refusal():
+    # 20 images, logits (s, 0) with the 5 lowest confidences holding 4 errors: the rule of
+    # test_refer_threshold_on_a_hand_made_set, on probabilities of one fixed T (method none)
+    conf = np.linspace(0.99, 0.60, 20)
+    logits = np.stack([np.log(conf / (1 - conf)), np.zeros(20)], axis=1)
+    labels = np.array([0] * 15 + [1, 1, 0, 1, 1])
+    rec = cal.calibrate_logits(logits, labels, method="none", refer_risk=0.3, refer_delta=0.05)
+    rule = rec["refer_risk"]
+    assert rule["threshold"] == pytest.approx(conf[15]) and rule["accepted"] == 16
+    assert rule["method"] == "Clopper-Pearson fixed-sequence (Learn then Test)"
+    assert rule["images"] == 20 and rule["delta"] == 0.05
+    # 0 errors in 20 images cannot bound the error at 0.01 (1 - 0.05 ** (1/20) = 0.139)
+    refused = cal.calibrate_logits(logits, labels, method="none", refer_risk=0.01)["refer_risk"]
+    assert refused["threshold"] is None and "no confidence threshold" in refused["reason"]

@@ -168,9 +168,12 @@ def test_ensemble_file_round_trip(setup, method, tmp_path):
     pd.testing.assert_frame_equal(before, after)
     names = [m.name for m in ens.members]
     assert names == ["test_efficientnet@r0", "test_efficientnet@r1"]
-    assert list(after.columns[-5:]) == ["pred", *(f"member.{n}.p_malignant" for n in names),
-                                        "disagreement", "refer"]
+    assert list(after.columns[-7:]) == ["pred", "confidence",
+                                        *(f"member.{n}.p_malignant" for n in names),
+                                        "disagreement", "refer", "refer_reason"]
     assert after["refer"].tolist() == (after["disagreement"] > 0.01).astype(int).tolist()
+    assert set(after.loc[after["refer"] == 1, "refer_reason"]) <= {"members disagree"}
+    assert set(after.loc[after["refer"] == 0, "refer_reason"]) <= {""}
     low = predict_paths(back, list(after["path"]), refer_threshold=1.0).frame
     assert low["refer"].sum() == 0
 

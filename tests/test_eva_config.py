@@ -2,14 +2,13 @@
 
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import breakhis_name, write_image
 from histoclass.data import SUBTYPES
 from histoclass.data.manifest import read_manifest, select
-from histoclass.models import read_checkpoint
 from histoclass.data.splits import audit
+from histoclass.models import read_checkpoint
 from histoclass.models.presets import PRESETS
 from histoclass.pipeline import RunConfig, make_manifest, member_specs
 from histoclass.train import TrainConfig, train

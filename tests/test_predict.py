@@ -35,12 +35,13 @@ def test_manifest_predictions_columns_and_round_trip(trained, tmp_path):
     pred = predict_manifest(load_model_file(ckpt), manifest, "test", batch_size=5)
     test_rows = select(read_manifest(manifest), "test")
     assert list(pred.frame.columns) == ["path", "patient_id", "magnification", "label", "split",
-                                        "protocol", "p_malignant", "pred"]
+                                        "protocol", "p_malignant", "pred", "confidence"]
     assert list(pred.frame["path"]) == list(test_rows["path"]) and pred.skipped == []
     assert set(pred.frame["split"]) == {"test"}
     p = pred.frame["p_malignant"].to_numpy()
     assert ((p >= 0) & (p <= 1)).all() and p.std() > 0  # trained: depends on the image
     assert list(pred.frame["pred"]) == ["malignant" if v > 0.5 else "benign" for v in p]
+    assert pred.frame["confidence"].to_numpy() == pytest.approx(np.maximum(p, 1 - p))
     csv, skipped = write_predictions(pred, tmp_path / "preds.csv")
     back = pd.read_csv(csv, dtype={"patient_id": str, "magnification": str}, keep_default_na=False)
     pd.testing.assert_frame_equal(back, pred.frame, check_dtype=False)
@@ -81,7 +82,7 @@ def test_breakhis_names_fill_patient_magnification_label(trained):
     files = sorted(sample_path("breakhis").glob("*.png"))
     frame = predict_paths(load_model_file(ckpt), files).frame
     assert list(frame.columns) == ["path", "patient_id", "magnification", "label",
-                                   "p_malignant", "pred"]
+                                   "p_malignant", "pred", "confidence"]
     row = frame[frame["path"].str.endswith("SOB_B_PT-14-29315EF-200-001.png")].iloc[0]
     assert (row["patient_id"], row["magnification"], row["label"]) == ("14-29315", "200X",
                                                                         "benign")
@@ -185,7 +186,7 @@ def test_subtype_task_has_one_probability_per_class(tmp_path):
     frame = predict_paths(load_model_file(ckpts[0]), files).frame
     probs = [f"p_{s}" for s in SUBTYPES]
     assert list(frame.columns) == ["path", "patient_id", "magnification", "label", "subtype",
-                                   *probs, "pred"]
+                                   *probs, "pred", "confidence"]
     assert np.allclose(frame[probs].sum(axis=1), 1.0)
     assert list(frame["pred"]) == [SUBTYPES[i] for i in frame[probs].to_numpy().argmax(1)]
     mucinous = frame[frame["path"].str.contains("SOB_M_MC")]

@@ -156,3 +156,85 @@ def choose_refer_threshold(confidence: Sequence[float], correct: Sequence[bool],
         log.warning("no confidence threshold bounds the error at %.3g (delta %.3g) on %d "
                     "validation images; no referral rule can be stated", alpha, delta, len(conf))
     return best
+
+
+def calibrate_logits(logits: np.ndarray, labels: Sequence[int], method: str = "temperature",
+                     refer_risk: float | None = None, refer_delta: float = 0.1) -> dict:
+    """The calibration record of a model from its validation logits: stored in its file.
+
+    Args:
+        logits: ``(n, K)`` validation logits.
+        labels: ``n`` class indices.
+        method: ``temperature`` (fit ``T``) or ``none`` (``T = 1``).
+        refer_risk: Target error among accepted images (:func:`choose_refer_threshold` on the
+            calibrated confidences); ``None`` for no referral rule.
+        refer_delta: Allowed probability that the bound is wrong.
+
+    Returns:
+        ``{"temperature", "calibration", "refer_risk"}``: ``calibration`` holds NLL/ECE/Brier
+        before and after and the image count (or a ``reason`` when ``T = 1`` was not fitted);
+        ``refer_risk`` is ``None`` when not asked, else the rule, with ``threshold`` ``None``
+        and a ``reason`` when no threshold attains it.
+    """
+    from scipy.special import softmax
+
+    z, y = _probs_labels(logits, labels)
+    if method not in ("temperature", "none"):
+        raise ValueError(f"calibration {method!r}: choose one of temperature, none")
+    t, reason = 1.0, None
+    if len(y) == 0:
+        reason = "no validation images"
+        log.warning("calibration: no validation images; temperature stays 1")
+    elif method == "none":
+        reason = "calibration none"
+    else:
+        t = fit_temperature(z, y)
+    record = {"images": len(y), "method": method}
+    if reason:
+        record["reason"] = reason
+    if len(y):
+        before, after = softmax(z, axis=1), softmax(z / t, axis=1)
+        record.update(nll_before=nll(z, y), nll_after=nll(z, y, t), ece_before=ece(before, y),
+                      ece_after=ece(after, y), brier_before=brier(before, y),
+                      brier_after=brier(after, y))
+    rule = None
+    if refer_risk is not None:
+        rule = {"alpha": float(refer_risk), "delta": float(refer_delta), "threshold": None,
+                "method": "Clopper-Pearson fixed-sequence (Learn then Test)", "images": len(y),
+                "accepted": 0}
+        found = None
+        if len(y):
+            p = softmax(z / t, axis=1)
+            found = choose_refer_threshold(p.max(1), p.argmax(1) == y, refer_risk, refer_delta)
+        if found is None:
+            rule["reason"] = (f"no confidence threshold bounds the error at {refer_risk:g} "
+                              f"(delta {refer_delta:g}) on {len(y)} validation images")
+        else:
+            rule.update(threshold=found["threshold"], upper=found["upper"],
+                        val_error=found["val_error"], val_coverage=found["val_coverage"],
+                        accepted=round(found["val_coverage"] * len(y)))
+    return {"temperature": t, "calibration": record, "refer_risk": rule}
+
+
+def uncalibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """The ``softmax(z)`` behind ``probs = softmax(z / T)``: ``p ** T`` renormalised (exact,
+    since ``p_k`` is proportional to ``exp(z_k / T)``)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        raw = np.asarray(probs, float) ** temperature
+        return raw / raw.sum(axis=1, keepdims=True)
+
+
+def referral(confidence: Sequence[float], threshold: float | None,
+             disagree: np.ndarray | None = None, error: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """``(refer 0/1, refer_reason)`` per image: low confidence (``confidence < threshold``),
+    members that disagree and/or an ``error`` row (always referred, its reason is in the
+    ``error`` column); the reason is empty for images that are not referred."""
+    conf = np.asarray(confidence, float)
+    low = conf < threshold if threshold is not None else np.zeros(len(conf), bool)
+    dis = np.zeros(len(conf), bool) if disagree is None else np.asarray(disagree, bool)
+    reasons = ["; ".join(([f"low confidence {c:.2f} < {threshold:.2f}"] if lo else [])
+                         + (["members disagree"] if d else []))
+               for c, lo, d in zip(conf, low, dis, strict=True)]
+    err = np.zeros(len(conf), bool) if error is None else np.asarray(error, bool)
+    return (low | dis | err).astype(int), np.array(reasons, dtype=object)

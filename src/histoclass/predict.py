@@ -8,9 +8,8 @@ Softmax happens in the classifier, never in the networks.
 
 The predictions CSV has ``path,patient_id,magnification,label`` (``label`` empty when unknown),
 ``subtype`` (subtype task), ``split,protocol[,fold]`` (from a manifest), then ``p_malignant``
-(binary task) or ``p_<class>`` per class, ``pred`` (class name), for ensembles
-``member.<name>.p_<class>`` columns, ``disagreement`` and ``refer`` (0/1), and ``error`` when
-some output was NaN/inf (:func:`score_frame`)."""
+(binary task) or ``p_<class>`` per class, ``pred``, ``confidence`` and the rest of
+:func:`score_frame`, and ``error`` when some output was NaN/inf."""
 
 from __future__ import annotations
 
@@ -24,10 +23,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from histoclass.calibration import referral, uncalibrated
 from histoclass.data.breakhis import describe_path
 from histoclass.data.files import refuse_output, walk
 from histoclass.data.images import IMAGE_SUFFIXES, ImageLoadError, load_rgb
-from histoclass.models.classifier import Classifier, Preparation, Scores, concat_scores
+from histoclass.models.classifier import Classifier, Preparation, Scores, concat_scores, nonfinite
 
 log = logging.getLogger(__name__)
 INFO = ("path", "patient_id", "magnification", "label")
@@ -151,36 +151,37 @@ def _probs(frame: pd.DataFrame, classes: Sequence[str], p: np.ndarray, prefix: s
     frame[cols] = p[:, 1:] if len(cols) == 1 else p
 
 
-def nonfinite(scores: Scores) -> np.ndarray:
-    """``[N]`` bool: rows whose probabilities, any member's or the disagreement are NaN/inf."""
-    bad = ~np.isfinite(scores.proba).all(axis=1) | ~np.isfinite(scores.disagreement)
-    if scores.members.size:
-        bad |= ~np.isfinite(scores.members).all(axis=(0, 2))
-    return bad
-
-
 def score_frame(clf: Classifier, scores: Scores, refer_threshold: float | None = None
                 ) -> pd.DataFrame:
-    """The scored columns of the predictions CSV, one row per image: ``p_...``, ``pred`` and,
-    for ensembles, ``member.<name>.p_...``, ``disagreement`` and ``refer`` (disagreement above
-    ``refer_threshold``, default the model's). Every table of predictions is built here.
-
-    A row with a non-finite output (:func:`nonfinite`) never gets a class: its probabilities and
-    ``pred`` are empty, ``refer`` is 1, and an ``error`` column (added last, only when some row
-    needs it; empty for the others) says why (:data:`NONFINITE`).
+    """The scored columns of the predictions CSV (every table of predictions is built here):
+    ``p_...`` (after the temperature), ``pred``, ``confidence`` (top probability), ``raw.p_...``
+    (before it; only when ``T != 1``), for ensembles ``member.<name>.p_...`` and
+    ``disagreement``, and ``refer``/``refer_reason``: confidence below the stated-risk threshold
+    or disagreement above ``refer_threshold`` (default the model's). A row with a non-finite
+    output (:func:`nonfinite`) never gets a class: empty probabilities and ``pred``, ``refer``
+    1, and an ``error`` column (added last, only when some row needs it) says why.
     """
     bad = nonfinite(scores)
     frame = pd.DataFrame(index=range(len(scores.proba)))
-    _probs(frame, clf.classes, np.where(bad[:, None], np.nan, scores.proba))
+    proba = np.where(bad[:, None], np.nan, scores.proba)
+    _probs(frame, clf.classes, proba)
     frame["pred"] = ["" if b else clf.classes[i] for i, b in zip(scores.pred.tolist(), bad,
                                                                   strict=True)]
+    frame["confidence"] = proba.max(axis=1) if len(proba) else []
+    t, low = getattr(clf, "temperature", 1.0), getattr(clf, "confidence_threshold", None)
+    if t != 1.0:  # the network's own probabilities, for audits
+        _probs(frame, clf.classes, uncalibrated(proba, t), "raw.")
+    disagree = None
     if clf.is_ensemble:
         for m, name in enumerate(clf.member_names):
             _probs(frame, clf.classes, np.where(bad[:, None], np.nan, scores.members[m]),
                    f"member.{name}.")
         threshold = clf.refer_threshold if refer_threshold is None else refer_threshold
         frame["disagreement"] = np.where(bad, np.nan, scores.disagreement.astype(float))
-        frame["refer"] = ((frame["disagreement"] > threshold) | bad).astype(int)
+        disagree = (frame["disagreement"] > threshold).to_numpy()
+    if clf.is_ensemble or low is not None:
+        frame["refer"], frame["refer_reason"] = referral(frame["confidence"].fillna(1.0), low,
+                                                         disagree, bad)
     if bad.any():
         log.error("%d image(s) gave non-finite model outputs (NaN/inf): marked as errors, "
                   "no class assigned", int(bad.sum()))

@@ -12,6 +12,7 @@ from histoclass.cli._common import (
     EXIT_FAILED,
     Amp,
     Balance,
+    Calibrate,
     InputMode,
     Schedule,
     Select,
@@ -122,6 +123,14 @@ def train(
     feature_cache: str = typer.Option(
         None, help="--head linear: embeddings cache folder; default $HISTOCLASS_FEATURE_CACHE "
         "or ~/.cache/histoclass/features, 'off' for none."),
+    calibrate: Calibrate = typer.Option(
+        "temperature", help="temperature: fit T on the val split's logits of best.pt (stored "
+        "in it, applied before softmax at predict time); none: T = 1."),
+    refer_risk: float = typer.Option(
+        None, help="Refer images below the lowest val confidence whose accepted images have "
+        "error <= this with probability 1 - --refer-delta (Clopper-Pearson, Learn then Test)."),
+    refer_delta: float = typer.Option(0.1, help="Allowed probability that --refer-risk's "
+                                      "bound is wrong."),
 ) -> None:
     """Fine-tune one member on MANIFEST's train split, selecting on its val split
     (--head linear: fit a linear probe on the frozen backbone instead).
@@ -150,6 +159,7 @@ def train(
         amp=amp, channels_last=channels_last, workers=workers,
         cache_dir=None if cache_dir == "off" else cache_dir, resume=resume,
         head=head, feature_cache=feature_cache,
+        calibrate=calibrate, refer_risk=refer_risk, refer_delta=refer_delta,
     )
     with _errors():
         best = run(cfg)

@@ -51,6 +51,14 @@ def concat_scores(parts: Sequence[Scores], classes: int, members: int) -> Scores
                   np.concatenate([p.disagreement for p in parts]))
 
 
+def nonfinite(scores: Scores) -> np.ndarray:
+    """``[N]`` bool: rows whose probabilities, any member's or the disagreement are NaN/inf."""
+    bad = ~np.isfinite(scores.proba).all(axis=1) | ~np.isfinite(scores.disagreement)
+    if scores.members.size:
+        bad |= ~np.isfinite(scores.members).all(axis=(0, 2))
+    return bad
+
+
 @dataclass(frozen=True, eq=False)
 class Preparation:
     """stain -> resize -> normalise, once per distinct member setting.

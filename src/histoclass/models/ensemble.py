@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +43,15 @@ from histoclass.models.published import published_folder, read_published
 from histoclass.models.resolution import Resolution, agreed, of_meta
 from histoclass.models.tiles import Tiles, collate_tiles, head_of, input_of, member_logits
 from histoclass.models.tiles import views as tile_views
-from histoclass.models.voting import METHODS, combine, dihedral, disagreement, stack_features
+from histoclass.models.voting import (
+    METHODS,
+    Output,
+    combine,
+    dihedral,
+    disagreement,
+    normalised_weights,
+    stack_features,
+)
 
 __all__ = [
     "DEFAULT_REFER", "METHODS", "Ensemble", "Member", "Output", "combine", "dihedral",
@@ -53,15 +61,6 @@ __all__ = [
 FORMAT = "histoclass-ensemble"
 VERSION = 1
 DEFAULT_REFER = 0.25
-
-
-class Output(NamedTuple):
-    """What :meth:`Ensemble.predict_proba` returns for a batch of N images (tensors)."""
-
-    proba: torch.Tensor  # [N, C]
-    pred: torch.Tensor  # [N] class index
-    members: torch.Tensor  # [M, N, C]
-    disagreement: torch.Tensor  # [N]
 
 
 class Ensemble:
@@ -117,6 +116,17 @@ class Ensemble:
         return agreed([(m.name, of_meta(m.meta)) for m in self.members], "ensemble"
                       if self.is_ensemble else self.members[0].name)
 
+    @property
+    def temperature(self) -> float:
+        """The temperature already in :attr:`Scores.proba` (a lone member's, else 1)."""
+        return 1.0 if self.is_ensemble else float(self.members[0].meta.get("temperature", 1.0))
+
+    @property
+    def confidence_threshold(self) -> float | None:
+        """Refer below this top probability (a lone member's ``--refer-risk`` threshold)."""
+        rule = None if self.is_ensemble else self.members[0].meta.get("refer_risk")
+        return (rule or {}).get("threshold")
+
     def describe(self) -> dict[str, Any]:
         """Members, their preprocessing and stain normalisers, in plain types."""
         return {"method": self.method, "classes": self.classes, "task": self.task,
@@ -162,14 +172,14 @@ class Ensemble:
     @torch.no_grad()
     def forward(self, inputs: Sequence[torch.Tensor | Tiles], features: bool = False
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Members' probabilities ``[M, N, C]`` and (optionally) pooled features; a tiles
-        member's are one row per image (:func:`~histoclass.models.tiles.member_logits`)."""
+        """Members' probabilities ``[M, N, C]`` (after their temperatures) and pooled features;
+        a tiles member's are one row per image (:func:`~histoclass.models.tiles.member_logits`)."""
         if len(inputs) != len(self.members):
             raise ValueError(f"{len(inputs)} inputs for {len(self.members)} members")
         probs, feats = [], []
         for m, x in zip(self.members, inputs, strict=True):
             f, logits = member_logits(m.model, x.to(self.device), features, head_of(m.meta))
-            probs.append(logits.float().softmax(-1))
+            probs.append((logits.float() / m.meta.get("temperature", 1.0)).softmax(-1))
             feats.append(f)
         return torch.stack(probs), feats
 
@@ -269,20 +279,6 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> Ens
     return Ensemble(members, obj["method"], weights=obj.get("weights"), stack=obj.get("stack"),
                     head=head, refer_threshold=obj.get("refer_threshold", DEFAULT_REFER),
                     member_paths=files, fit=obj.get("fit")).to(device)
-
-
-def normalised_weights(weights: Sequence[float], n: int) -> list[float]:
-    """``weights`` scaled to sum 1.
-
-    Raises:
-        ValueError: Not ``n`` weights, or weights that are negative or sum to zero.
-    """
-    w = np.asarray(weights, dtype=float)
-    if len(w) != n:
-        raise ValueError(f"{len(w)} weight(s) for {n} model(s); give one weight per checkpoint")
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"ensemble weights must be >= 0 with a positive sum, got {w.tolist()}")
-    return (w / w.sum()).tolist()
 
 
 def ensemble_of(members: Sequence[Member], paths: Sequence[str | Path],

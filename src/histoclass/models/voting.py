@@ -16,13 +16,23 @@ from the mean distribution (more classes). ``refer`` flags disagreement above th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
 METHODS = ("soft", "weighted", "hard", "stack", "concat")
 HARD_EPS = 1e-3
+
+
+class Output(NamedTuple):
+    """What :meth:`Ensemble.predict_proba` returns for a batch of N images (tensors)."""
+
+    proba: torch.Tensor  # [N, C]
+    pred: torch.Tensor  # [N] class index
+    members: torch.Tensor  # [M, N, C]
+    disagreement: torch.Tensor  # [N]
 
 
 def combine(method: str, members: torch.Tensor, *, weights: Sequence[float] | None = None,
@@ -80,3 +90,17 @@ def dihedral(x: torch.Tensor) -> list[torch.Tensor]:
     """The 8 flips/90-degree rotations of a ``[N, 3, H, W]`` batch."""
     views = [torch.rot90(x, k, (2, 3)) for k in range(4)]
     return views + [v.flip(3) for v in views]
+
+
+def normalised_weights(weights: Sequence[float], n: int) -> list[float]:
+    """``weights`` scaled to sum 1.
+
+    Raises:
+        ValueError: Not ``n`` weights, or weights that are negative or sum to zero.
+    """
+    w = np.asarray(weights, dtype=float)
+    if len(w) != n:
+        raise ValueError(f"{len(w)} weight(s) for {n} model(s); give one weight per checkpoint")
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"ensemble weights must be >= 0 with a positive sum, got {w.tolist()}")
+    return (w / w.sum()).tolist()

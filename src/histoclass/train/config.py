@@ -19,7 +19,7 @@ CHOICES = {
     "task": ("binary", "subtype"), "schedule": ("constant", "cosine"),
     "balance": ("none", "weights", "sampler"), "select": tuple(SELECT),
     "amp": ("auto", "off", "bf16", "fp16"), "input": ("resize", "tiles"),
-    "head": ("finetune", "linear"),
+    "head": ("finetune", "linear"), "calibrate": ("temperature", "none"),
 }
 # Settings added after fingerprints were: left out of a fingerprint at these values, so a run
 # saved before them (which had exactly this behaviour) still resumes.
@@ -28,8 +28,9 @@ LATER_DEFAULTS: dict[str, Any] = {"input": "resize", "tile_stride": None, "head"
 # other setting is part of the result (a new setting is too, unless listed here): --resume
 # checks them, with the content of the manifest, the weights file and the stain target, against
 # the checkpoint's ``fingerprint`` (:func:`fingerprint`).
+# Calibration is fitted after the last epoch and changes no weight, so it may change too.
 RESUME_FREE = ("out", "epochs", "patience", "device", "workers", "cache_dir", "resume",
-               "feature_cache")
+               "feature_cache", "calibrate", "refer_risk", "refer_delta")
 # Paths whose file content, not their name, is what matters.
 HASHED = ("manifest", "weights", "stain_target")
 
@@ -95,6 +96,9 @@ class TrainConfig:
     resume: bool = False
     head: str = "finetune"
     feature_cache: str | None = None
+    calibrate: str = "temperature"
+    refer_risk: float | None = None
+    refer_delta: float = 0.1
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad setting and its valid values."""
@@ -113,6 +117,10 @@ class TrainConfig:
         if self.tile_stride is not None and (self.input != "tiles" or self.tile_stride < 1):
             raise ValueError(f"--tile-stride {self.tile_stride}: needs --input tiles and a "
                              "stride >= 1 pixel")
+        if self.refer_risk is not None and not 0 < self.refer_risk < 1:
+            raise ValueError(f"--refer-risk {self.refer_risk}: must be in (0, 1)")
+        if not 0 < self.refer_delta < 1:
+            raise ValueError(f"--refer-delta {self.refer_delta}: must be in (0, 1)")
         if self.train_mpp is not None and not self.train_mpp > 0:
             raise ValueError(f"--train-mpp {self.train_mpp}: microns per pixel must be > 0")
         if self.model_args:

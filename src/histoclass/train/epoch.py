@@ -203,8 +203,15 @@ def train_one_epoch(net: nn.Module, criterion: nn.Module, optimizer: torch.optim
 
 def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: torch.dtype | None = None,
              channels_last: bool = False, head: str = "finetune") -> dict[str, float | None]:
-    """:func:`metrics` of ``model`` over ``loader``, gathered from every process. A batch of
-    :class:`~histoclass.models.tiles.Tiles` is scored per field, as predict does
+    """:func:`metrics` of ``model`` over ``loader``, gathered from every process."""
+    return metrics(*collect_logits(model, loader, d, amp, channels_last, head))
+
+
+def collect_logits(model: nn.Module, loader: DataLoader, d: Dist,
+                   amp: torch.dtype | None = None, channels_last: bool = False,
+                   head: str = "finetune") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, targets)`` of ``model`` over ``loader``, gathered from every process. A batch
+    of :class:`~histoclass.models.tiles.Tiles` is scored per field, as predict does
     (:func:`~histoclass.models.tiles.member_logits` with ``head``)."""
     from histoclass.models.tiles import Tiles, member_logits
 
@@ -221,4 +228,4 @@ def evaluate(model: nn.Module, loader: DataLoader, d: Dist, amp: torch.dtype | N
     parts = distributed.gather((torch.cat(logits) if logits else torch.empty(0, 0),
                                 torch.cat(targets) if targets else torch.empty(0)), d)
     parts = [p for p in parts if len(p[1])]
-    return metrics(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

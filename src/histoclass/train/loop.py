@@ -28,6 +28,7 @@ from histoclass.data.transforms import Preprocess
 from histoclass.models.checkpoint import build_model, read_checkpoint, save_checkpoint
 from histoclass.models.sources import Backbone, resolve_backbone
 from histoclass.train import distributed, records
+from histoclass.train.calibrate import calibrate_best
 from histoclass.train.config import TrainConfig, fingerprint, fingerprint_changes
 from histoclass.train.data import RunData, build_data, epoch_seed
 from histoclass.train.distributed import Dist
@@ -86,6 +87,7 @@ def train(config: TrainConfig) -> Path:
             if stop:
                 log.info("early stop: no better val %s for %d epochs", cfg.select, cfg.patience)
                 break
+        calibrate_best(run.out / "best.pt", run.model, run.data, cfg, d, run.amp)
         if d.main:
             (run.out / "done").write_text(f"{len(run.history)} epochs; best {run.best}\n")
         return run.out / "best.pt"
