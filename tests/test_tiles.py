@@ -54,8 +54,8 @@ def test_predict_is_the_mean_of_tile_probabilities(run):
         tiles = field_tiles(np.asarray(load_rgb(path)), 224)
         assert tiles.shape == (12, 224, 224, 3)
         x = torch.stack([m.preprocess.normalize(t) for t in tiles])
-        with torch.no_grad():
-            p = m.model(x).softmax(-1).mean(0)
+        with torch.no_grad():  # mean tile probability, then the member's temperature
+            p = (m.model(x).softmax(-1).mean(0).log() / m.meta["temperature"]).softmax(-1)
         assert pred["p_malignant"][i] == pytest.approx(float(p[1]), abs=1e-5)
     # the returned logits are log(mean p): softmax gives the mean back, temperature-ready
     z = torch.tensor([[0.0, 2.0], [1.0, -1.0], [3.0, 3.0]])

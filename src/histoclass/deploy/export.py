@@ -99,6 +99,10 @@ class ExportModule(nn.Module):
             self.renorm.append((f"scale{i}", f"shift{i}"))
         self.weights, self.stack = ens.weights, ens.stack
         self.head = ens.head if self.method == "concat" else None
+        # Each member's calibration temperature divides its logits inside the graph, as in
+        # Ensemble.forward; a tiles member's is applied by the runtime after the tile average.
+        self.temperatures = [1.0 if input_of(m.meta).tiles else
+                             float(m.meta.get("temperature", 1.0)) for m in members]
 
     def forward(self, x: torch.Tensor) -> Any:
         if self.uint8_input:
@@ -117,7 +121,8 @@ class ExportModule(nn.Module):
                 logits = model.get_classifier()(f)
             else:
                 logits = model(xi)
-            probs.append(logits.float().softmax(-1))
+            t = self.temperatures[i]
+            probs.append((logits.float() / t if t != 1.0 else logits.float()).softmax(-1))
         if self.method == "single":
             return probs[0]
         members = torch.stack(probs)
@@ -144,6 +149,10 @@ def metadata_of(ens: Ensemble, module: ExportModule, quantization: str = "none")
         "resolution": json.dumps(_resolution(ens)),
         "input_mode": json.dumps({**input_of(first).to_dict(), "reduce": "mean-logit"
                                   if head_of(first) == "linear" else "mean-prob"}),
+        # already in the graph's probabilities, except a tiles member's (the runtime's)
+        "temperature": json.dumps(ens.temperature),
+        "temperature_in_graph": json.dumps(not input_of(first).tiles),
+        "confidence_threshold": json.dumps(ens.confidence_threshold),
     }
 
 

@@ -92,6 +92,13 @@ class OnnxClassifier:
         self.method: str = meta.get("method", "single")
         self._members: list[str] = _field(meta, "members", self.path, "[]")
         self.refer_threshold = float(_field(meta, "refer_threshold", self.path, "1.0"))
+        # Calibration (files exported before it: T = 1, no confidence rule).
+        self.temperature = float(_field(meta, "temperature", self.path, "1.0"))
+        self._apply_t = not _field(meta, "temperature_in_graph", self.path, "true")
+        self.confidence_threshold = _field(meta, "confidence_threshold", self.path, "null")
+        if not self.temperature > 0:
+            raise ValueError(f"{self.path}: histoclass metadata temperature "
+                             f"{self.temperature!r} must be > 0")
         self.stain = stain_of({"stain": _field(meta, "stain", self.path, "null")}, self.path)
         if (not isinstance(self.classes, list) or len(set(map(str, self.classes))) < 2
                 or not all(isinstance(c, str) and c for c in self.classes)
@@ -180,6 +187,10 @@ class OnnxClassifier:
             proba = np.stack([r.mean(0) for r in rows])
         else:
             z = np.stack([np.log(np.clip(r, 1e-30, None)).mean(0) for r in rows])
+            z = np.exp(z - z.max(1, keepdims=True))
+            proba = z / z.sum(1, keepdims=True)
+        if self._apply_t and self.temperature != 1.0:  # softmax(log(p) / T), as the ensemble
+            z = np.log(np.clip(proba, 1e-30, None)) / self.temperature
             z = np.exp(z - z.max(1, keepdims=True))
             proba = z / z.sum(1, keepdims=True)
         proba = proba.astype(np.float32)

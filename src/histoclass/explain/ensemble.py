@@ -61,10 +61,21 @@ def explain_member(m: Member, image: np.ndarray, classes: list[str], *,
     (:func:`histoclass.explain.tiles_cam.explain_tiles`)."""
     mode = input_of(m.meta)
     if mode.tiles:
-        return explain_tiles(m.model, image, m.preprocess, classes, mode, method=method,
-                             target=target, layer=layer, stain=m.stain, head=head_of(m.meta))
-    return explain_image(m.model, image, m.preprocess, classes, method=method, target=target,
-                         layer=layer, stain=m.stain)
+        e = explain_tiles(m.model, image, m.preprocess, classes, mode, method=method,
+                          target=target, layer=layer, stain=m.stain, head=head_of(m.meta))
+    else:
+        e = explain_image(m.model, image, m.preprocess, classes, method=method, target=target,
+                          layer=layer, stain=m.stain)
+    e.probs = _tempered(m, e.probs)  # the probabilities predict shows (argmax unchanged)
+    return e
+
+
+def _tempered(m: Member, probs: np.ndarray) -> np.ndarray:
+    """``softmax(z / T)`` from ``probs = softmax(z)`` with the member's temperature."""
+    from histoclass.calibration import uncalibrated
+
+    t = float(m.meta.get("temperature", 1.0))
+    return probs if t == 1.0 else uncalibrated(np.asarray(probs)[None], 1.0 / t)[0]
 
 
 def _member_probs(m: Member, image: np.ndarray) -> np.ndarray:
@@ -73,9 +84,10 @@ def _member_probs(m: Member, image: np.ndarray) -> np.ndarray:
 
     mode = input_of(m.meta)
     if mode.tiles:
-        return field_probs(m.model, field_input(image, m.preprocess, mode, m.stain),
-                           head_of(m.meta))
-    return torch.softmax(m.model(model_input(image, m.preprocess, m.stain))[0], 0).numpy()
+        return _tempered(m, field_probs(m.model, field_input(image, m.preprocess, mode,
+                                                             m.stain), head_of(m.meta)))
+    return _tempered(m, torch.softmax(m.model(model_input(image, m.preprocess, m.stain))[0],
+                                      0).numpy())
 
 
 def explain_ensemble(members: Sequence[Member], image: np.ndarray, classes: list[str], *,
