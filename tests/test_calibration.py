@@ -97,3 +97,28 @@ def test_calibrate_logits_refer_rule_and_refusal():
     # 0 errors in 20 images cannot bound the error at 0.01 (1 - 0.05 ** (1/20) = 0.139)
     refused = cal.calibrate_logits(logits, labels, method="none", refer_risk=0.01)["refer_risk"]
     assert refused["threshold"] is None and "no confidence threshold" in refused["reason"]
+
+
+def test_evaluate_writes_calibration_json(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from histoclass.evaluate import evaluate_files, write_outputs
+
+    p = [0.9, 0.2, 0.6, 0.45]
+    pd.DataFrame({
+        "path": [f"{i}.png" for i in range(4)], "patient_id": ["a", "a", "b", "b"],
+        "magnification": "40X", "label": ["malignant", "benign", "benign", "malignant"],
+        "split": "test", "p_malignant": p, "pred": "", "confidence": [max(q, 1 - q) for q in p],
+        "refer": [0, 0, 1, 1],
+        "refer_reason": ["", "", "low confidence 0.60 < 0.80",
+                         "low confidence 0.55 < 0.80"]}).to_csv(tmp_path / "p.csv",
+                                                                     index=False)
+    write_outputs(evaluate_files([tmp_path / "p.csv"], bootstrap=0), tmp_path / "ev")
+    got = json.loads((tmp_path / "ev" / "calibration.json").read_text())
+    # confidences 0.9, 0.8 right and 0.6, 0.55 wrong, each in its own of 15 bins
+    assert got["ece"] == pytest.approx((0.1 + 0.2 + 0.6 + 0.55) / 4)
+    assert got["brier"] == pytest.approx((0.02 + 0.08 + 0.72 + 0.605) / 4)
+    assert (got["coverage"], got["selective_error"], got["bins"]) == (0.5, 0.0, 15)
+    assert got["ci95"] is None and got["ci_note"] == "n/a: bootstrap 0"

@@ -16,7 +16,7 @@ LAYERS = [
     {"histoclass.models"},
     {"histoclass.predict", "histoclass.explain", "histoclass.distributed"},
     {"histoclass.train", "histoclass.evaluate", "histoclass.report", "histoclass.deploy",
-     "histoclass.slides"},
+     "histoclass.slides", "histoclass.selective"},
     {"histoclass.pipeline", "histoclass.api", "histoclass.preflight"},
     {"histoclass.cli", "histoclass.app", "histoclass.__main__"},
 ]
@@ -24,7 +24,8 @@ NO_TORCH = ("histoclass.data.breakhis", "histoclass.data.images", "histoclass.da
             "histoclass.data.scan", "histoclass.data.splits", "histoclass.data.fixed",
             "histoclass.stain",
             "histoclass.metrics", "histoclass.evaluate", "histoclass.evidence",
-            "histoclass.data.files", "histoclass.calibration", "histoclass.data.field_tiles")
+            "histoclass.data.files", "histoclass.calibration", "histoclass.data.field_tiles",
+            "histoclass.selective")
 
 
 def _module(path: Path) -> str:

@@ -1,5 +1,5 @@
 """Predictions CSV -> metrics: image and patient level, per magnification, patient-bootstrap
-95% intervals, k-fold mean and standard deviation, ensemble members and referral.
+95% intervals, k-fold mean and standard deviation, ensemble members, referral, calibration.
 
 Reads only CSVs (no torch). ``metrics.json`` holds exactly the keys in
 :data:`histoclass.metrics.METRICS` plus ``per_magnification`` and ``ci95``; everything else
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from histoclass import evidence
+from histoclass import evidence, selective
 from histoclass.data.breakhis import LABELS, MAGNIFICATIONS, SUBTYPES
 from histoclass.data.manifest import leaks_patients, read_table
 from histoclass.metrics import (
@@ -293,8 +293,8 @@ def write_json(obj: dict, path: Path) -> Path:
 
 
 def write_outputs(ev: Evaluation, out: str | Path) -> list[Path]:
-    """Write ``metrics.json``, ``evaluation.json`` and, when present, ``folds.json``,
-    ``members.json`` and ``referral.json`` into ``out``."""
+    """Write ``<name>.json`` into ``out`` for each non-empty part (:mod:`histoclass.selective`)."""
     files = {"metrics": ev.metrics, "evaluation": ev.meta, "folds": ev.folds,
-             "members": ev.members, "referral": ev.referral}
+             "members": ev.members, "referral": ev.referral,
+             "calibration": selective.summary(ev.frame, list(ev.task.prob_columns), ev.meta)}
     return [write_json(obj, Path(out) / f"{name}.json") for name, obj in files.items() if obj]
