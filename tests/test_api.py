@@ -95,7 +95,7 @@ def test_unreadable_file_is_reported_and_others_kept(member, tmp_path):
     assert [p.ok for p in preds] == [True, False, True]
     assert preds[1].error == "not an image (unrecognised format)" and preds[1].label is None
     frame = clf.predict_frame([SAMPLES[0], bad])
-    assert list(frame.columns) == ["path", "p_malignant", "pred", "error"]
+    assert list(frame.columns) == ["path", "p_malignant", "pred", "confidence", "error"]
     assert frame["error"].tolist() == ["", "not an image (unrecognised format)"]
     assert frame["p_malignant"].iloc[0] == pytest.approx(preds[0].probs["malignant"])
 

@@ -109,6 +109,17 @@ def test_uncertain_band_and_disagreement_refer_with_the_reason(tmp_path):
     assert item["uncertain"] and item["members_disagree"]
     assert item["why"] == ("p(malignant) 70.0% is outside the uncertain band 35%\u201365%; "
                            "members disagree (spread 0.29 > 0.25)")
+    # p = 0.90 is outside the band, but under a stated-risk threshold of 0.95: referred
+    obj = torch.load(tmp_path / "sure.pt", weights_only=True)
+    obj["meta"]["refer_risk"] = {"alpha": 0.05, "delta": 0.1, "threshold": 0.95}
+    model = create_model("test_efficientnet", 2, pretrained=False)
+    model.load_state_dict(obj["state_dict"])
+    save_checkpoint(tmp_path / "risk.pt", model, obj["meta"])
+    (item,) = analyse([str(SAMPLES[0])], histoclass.load(tmp_path / "risk.pt"), Limits(),
+                      explain=False)[2]
+    assert item["refer"] and item["why"] == ("p(malignant) 90.0% is outside the uncertain band "
+                                             "35%\u201365%; low confidence 0.90 < 0.95 "
+                                             "(stated-risk threshold)")
 
 
 def _image(src: str) -> Image.Image:

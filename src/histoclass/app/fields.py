@@ -7,8 +7,9 @@ Every request builds its answer from its own files only. Bad uploads
 One row per image (name, verdict, p(malignant), refer, why) opens onto the whole field and its
 heat map side by side at the field's aspect ratio (never cropped), under one opacity slider and
 a colour bar. A result is *uncertain*, and referred, when p(malignant) lies in
-:data:`UNCERTAIN_BAND` or the members disagree beyond the referral threshold; the row says
-which. System fonts only, so the page renders the same offline.
+:data:`UNCERTAIN_BAND`, the members disagree beyond the referral threshold, or its confidence is
+under the model's stated-risk threshold (``train --refer-risk``); the row says which. System
+fonts only, so the page renders the same offline.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from histoclass.api import Model, Prediction
+from histoclass.calibration import referral
 from histoclass.data.images import ImageLoadError, to_rgb_image
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,12 @@ def judge(pred: Prediction, clf: Model, band: tuple[float, float] = UNCERTAIN_BA
         sign = ">" if pred.refer else "\u2264"
         why.append(f"members {'disagree' if pred.refer else 'agree'} (spread "
                    f"{pred.disagreement:.2f} {sign} {clf.refer_threshold:.2f})")
-    return inside or pred.refer, "; ".join(why)
+    # the model's stated-risk rule (train --refer-risk), when it has one
+    low = getattr(clf.classifier, "confidence_threshold", None)
+    below, reason = referral([max(pred.probs.values())], low)
+    if below[0]:
+        why.append(f"{reason[0]} (stated-risk threshold)")
+    return inside or pred.refer or bool(below[0]), "; ".join(why)
 
 
 def describe(pred: Prediction, clf: Model, band: tuple[float, float] = UNCERTAIN_BAND
