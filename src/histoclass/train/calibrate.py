@@ -17,7 +17,7 @@ from histoclass.calibration import calibrate_logits
 from histoclass.models.checkpoint import read_checkpoint, save_checkpoint
 from histoclass.train.config import TrainConfig
 from histoclass.train.data import RunData
-from histoclass.train.distributed import Dist
+from histoclass.train.distributed import Dist, gather
 from histoclass.train.epoch import collect_logits
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ def calibrate_best(best: Path, model: nn.Module, data: RunData, cfg: TrainConfig
     """Fit the calibration of ``best`` (loaded into ``model``) on ``data.val_loader`` and
     rewrite ``best`` with ``meta["temperature"]``, ``meta["calibration"]`` and
     ``meta["refer_risk"]``; returns the record (``None`` off the main process)."""
+    gather(None, d)  # a barrier: under torchrun only the main process wrote best.pt
     ckpt = read_checkpoint(best)
     model.load_state_dict(ckpt["state_dict"])
     logits, targets = collect_logits(model, data.val_loader, d, amp, cfg.channels_last)
