@@ -4,7 +4,7 @@ Per backbone: embedding extraction (decode + resize + normalise + frozen forward
 ``histoclass.train.features.extract`` path ``train --head linear`` uses) in images/s on the real
 H&E images of ``../shared/data`` with the cache off, then the same images read back from a warm
 cache; and the seconds to refit the logistic-regression head (13 values of C, standardised,
-lbfgs: ``histoclass.train.linear.fit_probe``) on 1,000 images' features (800 train, 200
+lbfgs: ``histoclass.train.probe.fit_probe``) on 1,000 images' features (800 train, 200
 validation). The refit features are *synthetic* (Gaussian, two classes a small shift apart, the
 backbone's embedding width): lbfgs time depends on the size and conditioning of the matrix, not
 on where it came from; the real set here has 124 images, too few to time a 1,000-image refit.
@@ -78,7 +78,7 @@ def main() -> None:
     from histoclass.models.classifier import Preparation
     from histoclass.models.presets import embed
     from histoclass.train.features import FeatureCache, extract, setting_key, weights_sha256
-    from histoclass.train.linear import C_GRID, fit_probe
+    from histoclass.train.probe import C_GRID, fit_probe
 
     torch.set_num_threads(args.threads)
     paths = sorted(str(p) for p in DATA.rglob("*.png"))

@@ -37,9 +37,11 @@ import numpy as np
 import pandas as pd
 from little_data_probe import (
     ALPHA,
+    DELTA,
     fit_probe,
     fold_scores,
     logits_from_p,
+    softmax,
     summary,
     tile_features,
     timm_state_dict,
@@ -51,7 +53,12 @@ DATA = ROOT.parent / "shared" / "data" / "ucsb-breast" / "manifest.csv"
 LITES = (0, 1, 2)
 VARIANTS = {"finetune+resize": [], "finetune+tiles": ["--input", "tiles"],
             "linear+resize": ["--head", "linear"], "linear+tiles": ["--head", "linear",
-                                                                    "--input", "tiles"]}
+                                                                    "--input", "tiles"],
+            # C by patient-disjoint inner CV over train + val, refit on both; the member's own
+            # temperature and referral threshold (fitted on its out-of-fold logits) are scored
+            "linear+tiles cv": ["--head", "linear", "--input", "tiles", "--probe-select", "cv",
+                                "--refer-risk", str(ALPHA), "--refer-delta", str(DELTA)]}
+IN_SAMPLE = "val is in-sample for --probe-select cv members"
 
 
 def histoclass(*args: str, threads: int = 1, check: bool = True) -> str | None:
@@ -97,14 +104,30 @@ def cli_fold(run: Path, manifest: Path, fold: int | None, weights: Path, flags: 
 
 
 def scored(model: Path, manifest: Path, fold: int | None, y_val, y_test) -> dict:
-    zv = logits_from_p(scores(model, manifest, "val", fold))
+    """Temperature and threshold fitted on the fold's val scores, except for a member that
+    carries its own (``--probe-select cv``: val was part of its training); an ensemble of
+    such members is scored as predicted (no held-out scores to fit on)."""
+    from histoclass.models.ensemble import load_model_file
+
     zt = logits_from_p(scores(model, manifest, "test", fold))
+    ens = load_model_file(model)
+    if any((m.meta.get("linear") or {}).get("probe_select") == "cv" for m in ens.members):
+        if ens.method != "single":
+            return {"T": None, "threshold": None, "p": softmax(zt), "p_cal": None}
+        meta = ens.members[0].meta
+        t, rule = meta["temperature"], meta.get("refer_risk") or {}
+        return {"T": t, "threshold": rule.get("threshold"), "p": softmax(zt * t),
+                "p_cal": softmax(zt)}
+    zv = logits_from_p(scores(model, manifest, "val", fold))
     return fold_scores(zv, y_val, zt)
 
 
 def row(name: str, s: dict | None, seconds: float, note: str = "") -> str:
     if s is None:
         return f"| {name} | not available in this build | | | | | | |"
+    if s["ece_t"] is None:  # no held-out scores: no temperature, no threshold to state
+        return (f"| {name} | {s['acc']:.3f} | {s['bacc']:.3f} | {s['ece']:.3f} | n/a "
+                f"| n/a ({IN_SAMPLE}) | - | {seconds:.0f}{note} |")
     cov = f"{s['coverage']:.2f} ({s['certified']}/{s['folds']} folds certified)"
     err = "-" if s["acc_error"] is None else f"{s['acc_error']:.2f}"
     return (f"| {name} | {s['acc']:.3f} | {s['bacc']:.3f} | {s['ece']:.3f} | {s['ece_t']:.3f} "

@@ -22,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from histoclass.calibration import choose_refer_threshold, ece, fit_temperature
 
 ALPHA = 0.1  # target error rate among accepted (not referred) images
+DELTA = 0.05  # allowed probability that the Clopper-Pearson bound is wrong
 TILE, GRID = 224, 3
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
@@ -135,7 +136,7 @@ def fold_scores(val_z: np.ndarray, val_y: np.ndarray, test_z: np.ndarray) -> dic
     """Temperature and ALPHA threshold from held-out (val) logits, applied to test logits."""
     t = fit_temperature(val_z, val_y)
     pv = softmax(val_z / t)
-    rule = choose_refer_threshold(pv.max(1), pv.argmax(1) == val_y, ALPHA)
+    rule = choose_refer_threshold(pv.max(1), pv.argmax(1) == val_y, ALPHA, DELTA)
     return {"T": t, "threshold": None if rule is None else rule["threshold"],
             "p": softmax(test_z), "p_cal": softmax(test_z / t)}
 
@@ -143,6 +144,10 @@ def fold_scores(val_z: np.ndarray, val_y: np.ndarray, test_z: np.ndarray) -> dic
 def summary(y: np.ndarray, parts: list[dict]) -> dict:
     """Pooled metrics over folds; a fold with no certified threshold refers every image."""
     p = np.concatenate([q["p"] for q in parts])
+    if any(q["p_cal"] is None for q in parts):  # no held-out scores: as predicted, no T
+        pred = p.argmax(1)
+        return {"n": len(y), "acc": accuracy_score(y, pred),
+                "bacc": balanced_accuracy_score(y, pred), "ece": ece(p, y), "ece_t": None}
     pc = np.concatenate([q["p_cal"] for q in parts])
     acc_mask = np.concatenate([
         (q["p_cal"].max(1) >= q["threshold"]) if q["threshold"] is not None

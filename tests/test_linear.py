@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from histoclass.cli import app
 from histoclass.models import read_checkpoint
 from histoclass.train import TrainConfig, train
-from histoclass.train.linear import C_GRID, fit_probe, fold_probe, probe_logits
+from histoclass.train.probe import C_GRID, fit_probe, fold_probe, probe_logits
 from train_helpers import one_thread, synthetic_manifest  # noqa: F401 (autouse fixture)
 
 BASE = {"pretrained": False, "batch_size": 8, "image_size": 64, "workers": 0, "device": "cpu",
@@ -123,7 +123,9 @@ def test_saved_member_outputs_the_folded_probe_on_cached_features(members, manif
         logits = model(prepared)  # logits, not saturated probabilities, are compared
     assert torch.allclose(logits, want, rtol=1e-4, atol=1e-4)
     got = np.array([[pr.probs[c] for c in meta["classes"]] for pr in clf.predict(paths)])
-    assert np.abs(got - want.softmax(1).numpy()).max() < 1e-5
+    t = meta["temperature"]  # fitted on the val split's logits of the saved member
+    assert meta["calibration"]["fitted_on"] == "val split" and t > 0
+    assert np.abs(got - (want / t).softmax(1).numpy()).max() < 1e-5
 
 
 def test_second_run_extracts_nothing_and_settings_invalidate(manifest, tmp_path, caplog):

@@ -65,14 +65,14 @@ def test_predict_is_the_mean_of_tile_logits_and_api_and_onnx_agree(run):
     assert res.exit_code == 0, res.output
     csv = pd.read_csv(out / "p.csv")
     model, meta = load_checkpoint(run["vit"])
-    pre = Preprocess.from_dict(meta["preprocess"])
+    pre, t = Preprocess.from_dict(meta["preprocess"]), meta["temperature"]  # fitted on val
     by_hand = []
     for path in test:  # 96x72 at 48: tiles at x 0, 48 and y 0, 24 (last shifted inward)
         tiles = field_tiles(to_array(load_rgb(path)), 48, 48)
         assert len(tiles) == 4
         x = pre.normalize(torch.from_numpy(tiles).permute(0, 3, 1, 2))
         with torch.no_grad():
-            by_hand.append(model(x).mean(0).softmax(0)[1].item())
+            by_hand.append((model(x).mean(0) / t).softmax(0)[1].item())
     np.testing.assert_allclose(csv["p_malignant"], by_hand, atol=1e-5)
     api = [p.probs["malignant"] for p in histoclass.load(run["vit"]).predict(test)]
     np.testing.assert_allclose(api, by_hand, atol=1e-5)

@@ -26,6 +26,7 @@ from histoclass.cli._common import (
 # The study's 10 members, in its order.
 ALL_MEMBERS = "v1-b0,v1-b1,v1-b2,v1-b3,v1-b4,v2-b0,v2-b1,v2-b2,v2-b3,v2-s"
 Head = Literal["finetune", "linear"]
+ProbeSelect = Literal["val", "cv"]
 RUN_FILES = ("best.pt", "last.pt", "history.csv", "curves.png", "config.yaml", "done")
 
 
@@ -119,7 +120,10 @@ def train(
                                 "match; --epochs, --patience, --device, --workers may change)."),
     head: Head = typer.Option(
         "finetune", help="finetune: the study's recipe; linear: frozen backbone, logistic "
-        "regression on its cached embeddings (C chosen on val), folded into the classifier."),
+        "regression on its cached embeddings (C: --probe-select), folded into the classifier."),
+    probe_select: ProbeSelect = typer.Option(
+        "val", help="--head linear: choose C on the val split (val), or by patient-disjoint "
+        "inner CV over train + val and refit on both (cv: for a val split of a few images)."),
     feature_cache: str = typer.Option(
         None, help="--head linear: embeddings cache folder; default $HISTOCLASS_FEATURE_CACHE "
         "or ~/.cache/histoclass/features, 'off' for none."),
@@ -158,7 +162,7 @@ def train(
         seed=seed, device=device,
         amp=amp, channels_last=channels_last, workers=workers,
         cache_dir=None if cache_dir == "off" else cache_dir, resume=resume,
-        head=head, feature_cache=feature_cache,
+        head=head, feature_cache=feature_cache, probe_select=probe_select,
         calibrate=calibrate, refer_risk=refer_risk, refer_delta=refer_delta,
     )
     with _errors():

@@ -20,10 +20,12 @@ CHOICES = {
     "balance": ("none", "weights", "sampler"), "select": tuple(SELECT),
     "amp": ("auto", "off", "bf16", "fp16"), "input": ("resize", "tiles"),
     "head": ("finetune", "linear"), "calibrate": ("temperature", "none"),
+    "probe_select": ("val", "cv"),
 }
 # Settings added after fingerprints were: left out of a fingerprint at these values, so a run
 # saved before them (which had exactly this behaviour) still resumes.
-LATER_DEFAULTS: dict[str, Any] = {"input": "resize", "tile_stride": None, "head": "finetune"}
+LATER_DEFAULTS: dict[str, Any] = {"input": "resize", "tile_stride": None, "head": "finetune",
+                                   "probe_select": "val"}
 # Settings that may change when a run is resumed: how long it trains and where it runs. Every
 # other setting is part of the result (a new setting is too, unless listed here): --resume
 # checks them, with the content of the manifest, the weights file and the stain target, against
@@ -99,6 +101,7 @@ class TrainConfig:
     calibrate: str = "temperature"
     refer_risk: float | None = None
     refer_delta: float = 0.1
+    probe_select: str = "val"
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first bad setting and its valid values."""
@@ -117,6 +120,9 @@ class TrainConfig:
         if self.tile_stride is not None and (self.input != "tiles" or self.tile_stride < 1):
             raise ValueError(f"--tile-stride {self.tile_stride}: needs --input tiles and a "
                              "stride >= 1 pixel")
+        if self.probe_select != "val" and self.head != "linear":
+            raise ValueError(f"--probe-select {self.probe_select}: chooses a linear probe's C; "
+                             "it needs --head linear")
         if self.refer_risk is not None and not 0 < self.refer_risk < 1:
             raise ValueError(f"--refer-risk {self.refer_risk}: must be in (0, 1)")
         if not 0 < self.refer_delta < 1:

@@ -135,8 +135,22 @@ def member_outputs(ens: Ensemble, paths: list[str], features: bool, batch_size: 
     return index, torch.cat(probs, 1), torch.cat(feats) if features else None, skipped
 
 
+def trained_on_val(ens: Ensemble) -> list[str]:
+    """Names of members whose training included the validation split (a linear probe with
+    ``--probe-select cv``): their validation outputs are in-sample, nothing to fit on."""
+    return [m.name for m in ens.members
+            if "val" in ((m.meta.get("linear") or {}).get("trained_on") or [])]
+
+
 def _validation(manifest: str | Path, fold: int | None, ens: Ensemble) -> pd.DataFrame:
     from histoclass.data.manifest import read_manifest, select
+
+    seen = trained_on_val(ens)
+    if seen:
+        raise ValueError(f"member(s) {', '.join(seen)} were trained on the validation split "
+                         "(--probe-select cv), so their validation outputs are in-sample and "
+                         "cannot fit an ensemble; use --method soft or hard, or members "
+                         "trained with --probe-select val")
 
     frame = select(read_manifest(manifest), "val", fold)
     if frame.empty:

@@ -1,14 +1,14 @@
 """A linear probe on a frozen backbone (``histoclass train --head linear``).
 
 The backbone is never trained: it embeds every train and validation image once, in eval mode,
-through the prediction path's preparation (stain, resize, normalise; no augmentation), with the
-embeddings cached across runs (:mod:`histoclass.train.features`). A scikit-learn
-``LogisticRegression`` (lbfgs, L2; multinomial for more than two classes, the single logistic
-of scikit-learn's binary case for two) is fitted on the *standardised* train embeddings for
-every ``C`` of a log grid (:data:`C_GRID`); ``C`` is chosen by the validation split only, by the
-run's ``--select`` score (ties: lower validation loss, then the smaller ``C``). The head kept is
-the one fitted on the train split with that ``C``: no refit on train + validation, so the
-stored validation metrics are those of the saved member (optimistic only by the choice of ``C``).
+through the prediction path's preparation (stain, resize or tiles, normalise; no
+augmentation), with the embeddings cached across runs (:mod:`histoclass.train.features`). A
+logistic regression is fitted on them with ``C`` chosen as ``--probe-select`` says
+(:mod:`histoclass.train.probe`): ``val`` fits on train and chooses on val, with no refit on
+train + val, so the stored validation metrics are those of the saved member (optimistic only
+by the choice of ``C``); ``cv`` chooses by patient-disjoint inner CV over train + val and
+refits on both, and its stored metrics are out-of-fold. The temperature and the referral
+threshold (``--calibrate``, ``--refer-risk``) are fitted on the same held-out logits.
 
 The probe is then folded into timm's own classifier layer (``model.get_classifier()``), the
 standardisation with it: ``W = coef / scale``, ``b = intercept - W @ mean``. For two classes
@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from histoclass import models
+from histoclass.calibration import calibrate_logits
 from histoclass.data.files import check_output, remove_stale_temps
 from histoclass.models.checkpoint import save_checkpoint
 from histoclass.models.classifier import Preparation
@@ -44,99 +42,22 @@ from histoclass.train import records
 from histoclass.train.config import TrainConfig, fingerprint
 from histoclass.train.data import build_data, input_mode
 from histoclass.train.distributed import Dist
-from histoclass.train.epoch import better, metrics
+from histoclass.train.epoch import metrics
 from histoclass.train.features import FeatureCache, cache_root, extract, setting_key
 from histoclass.train.features import weights_sha256 as backbone_sha256
+from histoclass.train.probe import (
+    ABSENT_LOGIT,
+    C_GRID,
+    MAX_ITER,
+    cv_probe,
+    expand_probe,
+    fit_probe,
+    fold_probe,
+)
 
 log = logging.getLogger(__name__)
-C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 13))  # 1e-4 .. 1e2, half a decade apart
-MAX_ITER = 2000
 REFIT = "none: the head kept is the one fitted on the train split with the chosen C"
-
-
-ABSENT_LOGIT = -30.0  # classes without train images: softmax weight ~1e-13 of a present class
-
-
-def probe_logits(coef: np.ndarray, intercept: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Logits of a fitted logistic regression, shaped as the folded classifier gives them:
-    ``[N, K]``, and for a binary model (one row) ``[-z/2, +z/2]``, whose softmax is
-    ``sigmoid(z)``."""
-    z = x @ np.asarray(coef, np.float64).T + np.asarray(intercept, np.float64)
-    return np.concatenate([-z / 2, z / 2], axis=1) if z.shape[1] == 1 else z
-
-
-def expand_probe(coef: np.ndarray, intercept: np.ndarray, present: list[int], k: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """A probe fitted on the ``present`` classes only, as ``k`` output rows: the present ones
-    in their places (a binary probe as ``[-w/2, +w/2]``), the others weight 0 and bias
-    :data:`ABSENT_LOGIT`. All classes present: ``coef``/``intercept`` unchanged."""
-    coef, intercept = np.asarray(coef, np.float64), np.asarray(intercept, np.float64)
-    if len(present) == k:
-        return coef, intercept
-    if coef.shape[0] == 1:
-        coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate(
-            [-intercept / 2, intercept / 2])
-    full_coef = np.zeros((k, coef.shape[1]))
-    full_bias = np.full(k, ABSENT_LOGIT)
-    full_coef[present], full_bias[present] = coef, intercept
-    return full_coef, full_bias
-
-
-def fold_probe(classifier: nn.Module, coef: np.ndarray, intercept: np.ndarray,
-               mean: np.ndarray, scale: np.ndarray) -> None:
-    """Write ``standardise -> logistic regression`` into ``classifier`` (an ``nn.Linear``).
-
-    Raises:
-        ValueError: ``classifier`` is not a linear layer with a bias of the right shape.
-    """
-    coef = np.asarray(coef, np.float64) / np.asarray(scale, np.float64)
-    bias = np.asarray(intercept, np.float64) - coef @ np.asarray(mean, np.float64)
-    if coef.shape[0] == 1:  # binary: softmax([-z/2, z/2]) = sigmoid(z)
-        coef, bias = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-bias / 2, bias / 2])
-    if (not isinstance(classifier, nn.Linear) or classifier.bias is None
-            or tuple(classifier.weight.shape) != coef.shape):
-        raise ValueError(f"cannot fold a {coef.shape[0]}x{coef.shape[1]} linear probe into "
-                         f"{type(classifier).__name__} {getattr(classifier, 'weight', None)!r}"
-                         " (need nn.Linear with a bias, same shape)")
-    with torch.no_grad():
-        classifier.weight.copy_(torch.from_numpy(coef))
-        classifier.bias.copy_(torch.from_numpy(bias))
-
-
-def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-              *, select: str = "balanced_accuracy", balanced: bool = False,
-              grid: tuple[float, ...] = C_GRID) -> dict[str, Any]:
-    """Standardise, fit a logistic regression per ``C`` on train, choose ``C`` on validation.
-
-    Returns:
-        ``coef`` (``[K, D]``, ``K`` = 1 for two classes), ``intercept``, ``mean``, ``scale``
-        (the train standardisation), ``C``, ``scores`` (validation metrics per ``C``),
-        ``converged`` (lbfgs stopped before ``MAX_ITER`` at the chosen ``C``).
-    """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    scaler = StandardScaler().fit(x_train)
-    xt, xv = scaler.transform(x_train), scaler.transform(x_val)
-    yv = torch.as_tensor(y_val)
-    fits, scores, best = {}, [], None
-    for c in grid:
-        with warnings.catch_warnings():  # convergence is checked and reported for the C kept
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            lr = LogisticRegression(C=c, solver="lbfgs", max_iter=MAX_ITER,
-                                    class_weight="balanced" if balanced else None)
-            lr.fit(xt, y_train)
-        val = metrics(torch.from_numpy(probe_logits(lr.coef_, lr.intercept_, xv)), yv)
-        scores.append({"C": c, **val})
-        fits[c] = lr
-        if best is None or better(val, best[1], select):  # strict: ties keep the smaller C
-            best = (c, val)
-    c = best[0]
-    lr = fits[c]
-    return {"coef": lr.coef_, "intercept": lr.intercept_, "mean": scaler.mean_,
-            "scale": scaler.scale_, "C": c, "scores": scores,
-            "converged": bool(np.max(lr.n_iter_) < MAX_ITER)}
+REFIT_CV = "train + val with the chosen C (--probe-select cv)"
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -208,25 +129,46 @@ def train_linear(cfg: TrainConfig) -> Path:
              cache.root or "cache off")
     model = model.cpu()
     index = {k: j for j, k in enumerate(present)}
-    probe = fit_probe(feats["train"].x, np.array([index[v] for v in y["train"]]), feats["val"].x,
-                      np.array([index[v] for v in y["val"]]), select=cfg.select,
-                      balanced=cfg.balance != "none")
+    yi = {name: np.array([index[v] for v in y[name]]) for name in y}
+    balanced = cfg.balance != "none"
+    if cfg.probe_select == "cv":  # pooled train + val, patient-disjoint inner folds
+        probe = cv_probe(np.concatenate([feats["train"].x, feats["val"].x]),
+                         np.concatenate([yi["train"], yi["val"]]), np.concatenate(
+                             [data.train_rows["patient_id"], data.val_rows["patient_id"]]
+                         ).astype(str), select=cfg.select, balanced=balanced, grid=C_GRID,
+                         seed=cfg.seed)
+    else:
+        probe = fit_probe(feats["train"].x, yi["train"], feats["val"].x, yi["val"],
+                          select=cfg.select, balanced=balanced)
     coef, intercept = expand_probe(probe["coef"], probe["intercept"], present,
                                    len(data.classes))
     fold_probe(model.get_classifier(), coef, intercept, probe["mean"], probe["scale"])
-    with torch.no_grad():  # what the saved member outputs on the validation embeddings
-        logits = model.get_classifier()(torch.from_numpy(feats["val"].x))
-    val = metrics(logits, torch.as_tensor(y["val"]))
+    if cfg.probe_select == "cv":  # held-out logits of every train + val row, all classes
+        held, held_y = np.full((len(probe["oof"]), len(data.classes)), ABSENT_LOGIT), \
+            np.concatenate([y["train"], y["val"]])
+        held[:, present] = probe["oof"]
+        held_on = f"out-of-fold logits of train + val ({probe['inner']['folds']} inner folds)"
+    else:
+        with torch.no_grad():  # what the saved member outputs on the validation embeddings
+            held = model.get_classifier()(torch.from_numpy(feats["val"].x)).double().numpy()
+        held_y, held_on = y["val"], "val split"
+    val = metrics(torch.from_numpy(held), torch.as_tensor(held_y))
+    rec = calibrate_logits(held, held_y, cfg.calibrate, cfg.refer_risk, cfg.refer_delta)
+    rec["calibration"]["fitted_on"] = held_on
     if not probe["converged"]:
         log.warning("lbfgs did not converge within %d iterations at C=%g", MAX_ITER, probe["C"])
-    log.info("linear probe: C=%g chosen on val %s from %d values %g..%g; refit %s; val %s",
-             probe["C"], cfg.select, len(C_GRID), C_GRID[0], C_GRID[-1], REFIT,
+    log.info("linear probe: C=%g chosen on %s (%s) from %d values %g..%g; val %s; T=%.4f",
+             probe["C"], held_on, cfg.select, len(C_GRID), C_GRID[0], C_GRID[-1],
              " ".join(f"{k}={'n/a' if v is None else format(v, '.4f')}"
-                      for k, v in val.items()))
+                      for k, v in val.items()), rec["temperature"])
     linear = {"C": probe["C"], "grid": list(C_GRID), "select": cfg.select,
               "scores": probe["scores"], "val": val, "solver": "lbfgs",
+              "probe_select": cfg.probe_select, "chosen_on": held_on,
+              "inner": probe.get("inner"),
+              "trained_on": ["train", "val"] if cfg.probe_select == "cv" else ["train"],
               "standardised": "folded into the classifier (train mean and std)",
-              "class_weight": "balanced" if cfg.balance != "none" else None, "refit": REFIT,
+              "class_weight": "balanced" if balanced else None,
+              "refit": REFIT_CV if cfg.probe_select == "cv" else REFIT,
               "converged": probe["converged"], "embedding": rule,
               "absent_classes": {"classes": absent, "logit": ABSENT_LOGIT} if absent else None,
               "features": {"cached": cached, "extracted": extracted,
@@ -236,7 +178,7 @@ def train_linear(cfg: TrainConfig) -> Path:
                               drop_rate=cfg.drop_rate, stain=data.stain_meta, config=asdict(cfg),
                               fingerprint=fingerprint(cfg), metrics=val, head="linear",
                               linear=linear, input=mode.to_dict(), **backbone.meta(),
-                              **data.resolution)
+                              **data.resolution, **rec)
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(out / "best.pt", model, meta)
     resolved = {"timm_name": backbone.timm_name, "classes": list(data.classes),
