@@ -122,3 +122,15 @@ def test_evaluate_writes_calibration_json(tmp_path):
     assert got["brier"] == pytest.approx((0.02 + 0.08 + 0.72 + 0.605) / 4)
     assert (got["coverage"], got["selective_error"], got["bins"]) == (0.5, 0.0, 15)
     assert got["ci95"] is None and got["ci_note"] == "n/a: bootstrap 0"
+
+
+def test_a_temperature_at_the_edge_of_its_range_is_noted(caplog):
+    # Every image right with margin: the NLL falls as T -> 0 without end, so T stops at the
+    # lower bound exp(-4.6) (in floating point, earlier), and the record says the optimum
+    # lies beyond it.
+    z = np.array([[0.0, 3.0], [3.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+    rec = cal.calibrate_logits(z, [1, 0, 1, 0])
+    assert rec["temperature"] < 0.05
+    assert "edge of the search range" in rec["calibration"]["note"]
+    assert "optimum lies beyond" in caplog.text
+    assert "note" not in cal.calibrate_logits(z, [1, 0, 0, 1])["calibration"]

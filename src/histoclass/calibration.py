@@ -192,6 +192,13 @@ def calibrate_logits(logits: np.ndarray, labels: Sequence[int], method: str = "t
     record = {"images": len(y), "method": method}
     if reason:
         record["reason"] = reason
+    elif any(abs(nll(z, y, t) - nll(z, y, float(np.exp(b)))) <= 1e-9 + 1e-6 * nll(z, y, t)
+             for b in LOG_T_BOUNDS):  # an edge is as good: the optimum is not inside
+        # e.g. validation images all right with margin: NLL falls as T -> 0 without end
+        record["note"] = (f"T {t:.4g} is at the edge of the search range "
+                          f"[{np.exp(LOG_T_BOUNDS[0]):.3g}, {np.exp(LOG_T_BOUNDS[1]):.3g}]: "
+                          "the optimum lies beyond it")
+        log.warning("calibration on %d validation images: %s", len(y), record["note"])
     if len(y):
         before, after = softmax(z, axis=1), softmax(z / t, axis=1)
         record.update(nll_before=nll(z, y), nll_after=nll(z, y, t), ece_before=ece(before, y),
