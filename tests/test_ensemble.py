@@ -168,7 +168,11 @@ def test_ensemble_file_round_trip(setup, method, tmp_path):
     pd.testing.assert_frame_equal(before, after)
     names = [m.name for m in ens.members]
     assert names == ["test_efficientnet@r0", "test_efficientnet@r1"]
-    assert list(after.columns[-7:]) == ["pred", "confidence",
+    # the ensemble's own temperature travels with the file; raw.p_ is before it
+    assert (back.temperature, back.calibration) == (ens.temperature, ens.calibration)
+    assert ("raw.p_malignant" in after.columns) == (ens.temperature != 1.0)
+    kept = [c for c in after.columns if not c.startswith("raw.")]
+    assert kept[-7:] == ["pred", "confidence",
                                         *(f"member.{n}.p_malignant" for n in names),
                                         "disagreement", "refer", "refer_reason"]
     assert after["refer"].tolist() == (after["disagreement"] > 0.01).astype(int).tolist()

@@ -143,3 +143,6 @@ def test_fitted_ensembles_refuse_members_trained_on_val(one_class_val, tmp_path)
         fit_ensemble([cv, val], "stack", manifest=one_class_val, device="cpu", workers=0)
     soft = fit_ensemble([cv, val], "soft", manifest=one_class_val, device="cpu", workers=0)
     assert soft.method == "soft"
+    # soft still works but fits no temperature on in-sample outputs, and says why
+    assert soft.temperature == 1.0 and "trained on the validation split" in \
+        soft.calibration["reason"]

@@ -152,6 +152,24 @@ def user_errors(*kinds: type[BaseException]) -> Iterator[None]:
         fail(error_line(exc))
 
 
+def calibration_line(temperature: float, calibration: dict | None, rule: dict | None) -> str:
+    """One line on what a model's calibration and ``--refer-risk`` rule are (or why none)."""
+    c = calibration or {}
+    if c.get("reason"):
+        text = f"temperature {temperature:g}: not fitted ({c['reason']})"
+    else:
+        text = (f"temperature {temperature:.3f} fitted on {c.get('fitted_on', 'val split')}"
+                + (f" (ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f})"
+                   if c.get("ece_before") is not None and c.get("ece_after") is not None else ""))
+    if rule and rule.get("threshold") is None:
+        text += f"; no referral rule: {rule.get('reason')}"
+    elif rule:
+        text += (f"; refer below confidence {rule['threshold']:.3f} (val error among accepted "
+                 f"<= {rule['upper']:.3f} at delta {rule['delta']:g}, coverage "
+                 f"{rule['val_coverage']:.2f})")
+    return text
+
+
 def report_written(paths: Iterable[str | Path], what: str = "") -> None:
     """End a command with every file it wrote, one per line."""
     paths = [Path(p) for p in paths]

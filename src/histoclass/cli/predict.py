@@ -9,10 +9,12 @@ import typer
 from histoclass.cli._common import (
     EXIT_FAILED,
     Backend,
+    Calibrate,
     Engine,
     EnsembleMethod,
     Preset,
     Split,
+    calibration_line,
     device_option,
     fail,
     report_written,
@@ -130,8 +132,17 @@ def ensemble(
     batch_size: int = typer.Option(16, help="Images per forward pass."),
     workers: int = typer.Option(2, help="Decoding threads."),
     device: str = device_option(),
+    calibrate: Calibrate = typer.Option(
+        "temperature", help="temperature: fit the ensemble's own T on its combined validation "
+        "probabilities (stack/concat: on the inner stop rows; hard: none); none: T = 1."),
+    refer_risk: float = typer.Option(
+        None, help="Refer images below the lowest val confidence of the ensemble whose "
+        "accepted images have error <= this with probability 1 - --refer-delta."),
+    refer_delta: float = typer.Option(0.1, help="Allowed probability that --refer-risk's "
+                                      "bound is wrong."),
 ) -> None:
-    """Combine member checkpoints into an ensemble file, fitted on validation only."""
+    """Combine member checkpoints into an ensemble file, fitted (and calibrated) on
+    validation only."""
     from histoclass.data.files import check_output
     from histoclass.models import CheckpointError
     from histoclass.train import fit_ensemble, preset_members
@@ -142,7 +153,8 @@ def ensemble(
         paths = preset_members(preset, runs) if preset else list(members or [])
         check_output(out, inputs=(*paths, manifest))  # before members are loaded and fitted
         ens = fit_ensemble(paths, method, manifest, fold=fold, refer_threshold=refer_threshold,
-                           seed=seed, batch_size=batch_size, workers=workers, device=device)
+                           seed=seed, batch_size=batch_size, workers=workers, device=device,
+                           calibrate=calibrate, refer_risk=refer_risk, refer_delta=refer_delta)
         path = ens.save(out)
     fit = ens.fit
     detail = ""
@@ -154,6 +166,7 @@ def ensemble(
                    f"{fit['stop_rows']} stop, inner split by {fit['inner_split']})")
     typer.echo(f"{method} ensemble of {len(ens.members)} members "
                f"({', '.join(m.name for m in ens.members)}){detail}")
+    typer.echo(calibration_line(ens.temperature, ens.calibration, ens.refer_risk))
     report_written([path])
 
 

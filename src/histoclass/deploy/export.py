@@ -24,7 +24,11 @@ Metadata (``metadata_props``): ``histoclass`` (format tag), ``preprocess``, ``cl
 ``refer_threshold``, ``output`` (``probabilities``), ``input`` (``uint8-nhwc`` or
 ``float32-nchw-normalised``), ``quantization``, ``histoclass_version``, ``input_mode`` (the
 member's checkpoint ``input``, :class:`~histoclass.data.field_tiles.InputMode`, plus ``reduce``:
-``mean-prob`` or, for a linear head, ``mean-logit``).
+``mean-prob`` or, for a linear head, ``mean-logit``), ``temperature`` (the one in the
+probabilities: a member's divides its logits; an ensemble's own rescales the combined output as
+``softmax(log(p) / T)``), ``temperature_in_graph`` (false only for a tiles member, whose
+temperature the runtime applies after the tile average) and ``confidence_threshold`` (the
+``--refer-risk`` threshold, ``null`` without one).
 
 A ``tiles`` member exports as its network on one tile (``H, W`` = the tile size): the runtime
 cuts each image into the same tiles and averages the graph's outputs per image exactly as
@@ -51,7 +55,7 @@ from histoclass.data.files import write_error
 from histoclass.deploy.graph import set_metadata
 from histoclass.models.ensemble import Ensemble, load_model_file
 from histoclass.models.tiles import head_of, input_of
-from histoclass.models.voting import combine, disagreement
+from histoclass.models.voting import disagreement, fuse, temper
 
 log = logging.getLogger(__name__)
 FORMAT = "histoclass-onnx"
@@ -103,6 +107,7 @@ class ExportModule(nn.Module):
         # Ensemble.forward; a tiles member's is applied by the runtime after the tile average.
         self.temperatures = [1.0 if input_of(m.meta).tiles else
                              float(m.meta.get("temperature", 1.0)) for m in members]
+        self.ensemble_t = ens.own_temperature  # then the ensemble's own, on the combined output
 
     def forward(self, x: torch.Tensor) -> Any:
         if self.uint8_input:
@@ -126,12 +131,10 @@ class ExportModule(nn.Module):
         if self.method == "single":
             return probs[0]
         members = torch.stack(probs)
-        if self.head is not None:
-            proba = self.head(torch.cat(feats, 1)).float().softmax(-1)
-            pred = proba.argmax(-1)
-        else:
-            proba, pred = combine(self.method, members, weights=self.weights, stack=self.stack)
-        return proba, members.transpose(0, 1), disagreement(self.method, members, pred)
+        proba, pred = fuse(self.method, members, feats, weights=self.weights, stack=self.stack,
+                           head=self.head)
+        return (temper(proba, self.ensemble_t), members.transpose(0, 1),
+                disagreement(self.method, members, pred))
 
 
 def metadata_of(ens: Ensemble, module: ExportModule, quantization: str = "none") -> dict[str, str]:

@@ -132,6 +132,40 @@ def check_ensemble_numbers(obj: dict[str, Any], path: str | Path) -> None:
         check_finite(obj["head"], path, "concat head weights")
 
 
+def ensemble_calibration(obj: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The ``temperature``, ``calibration`` and ``refer_risk`` keywords of an ensemble file or
+    published ``histoclass.json`` (version 1: ``T = 1``, no rule), checked: a temperature that
+    is not a finite number > 0, or a threshold outside [0, 1], is an error naming the file."""
+    t, rule = obj.get("temperature", 1.0), obj.get("refer_risk")
+    if t is None:
+        t = 1.0
+    if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t < float("inf"):
+        raise CheckpointError(f"{path}: ensemble temperature {t!r} must be a finite number > 0")
+    threshold = rule.get("threshold") if isinstance(rule, dict) else None
+    if not (rule is None or isinstance(rule, dict)) or (threshold is not None and not (
+            isinstance(threshold, int | float) and 0 <= threshold <= 1)):
+        raise CheckpointError(f"{path}: ensemble refer_risk {rule!r} needs a threshold in "
+                              "[0, 1] or null")
+    calibration = obj.get("calibration")
+    return {"temperature": float(t), "refer_risk": rule,
+            "calibration": calibration if isinstance(calibration, dict) else None}
+
+
+def member_file(path: Path, entry: dict[str, Any]) -> Path:
+    """The member file an ensemble file's ``entry`` names (beside the ensemble, else its
+    absolute path), checked against its recorded sha256."""
+    for cand in (path.parent / entry["path"], Path(entry["abs_path"])):
+        if cand.is_file():
+            if file_sha256(cand) != entry["sha256"]:
+                raise CheckpointError(
+                    f"{path}: member {entry['name']} file {cand} has changed since the ensemble "
+                    "was built (sha256 differs); rebuild the ensemble with histoclass ensemble"
+                )
+            return cand
+    raise CheckpointError(f"{path}: member {entry['name']} file {entry['path']} is missing "
+                          f"(looked in {path.parent} and {entry['abs_path']})")
+
+
 def check_meta(meta: dict[str, Any], path: str | Path) -> None:
     """Raise :class:`CheckpointError` naming the file and the key when a member's metadata is
     missing, of the wrong type or out of bounds (hand-made or damaged files)."""

@@ -11,7 +11,9 @@ Ensemble file: ``torch.save`` of plain types and tensors (read with ``weights_on
 ``format`` ``histoclass-ensemble``, ``version``, ``kind`` ``ensemble``, ``method``, ``classes``,
 ``task``, ``members`` (``name``, ``path`` relative to the ensemble file when possible,
 ``abs_path``, ``sha256``, ``arch``), ``weights``, ``stack`` (``coef``, ``intercept`` as lists),
-``head`` (state dict) and ``head_config``, ``refer_threshold``, ``fit`` (what it was fitted on).
+``head`` (state dict) and ``head_config``, ``refer_threshold``, ``fit`` (what it was fitted on),
+and (version 2) the ensemble's own ``temperature``, ``calibration`` record and ``refer_risk`` rule
+(:func:`histoclass.calibration.calibrate_logits` on its combined validation probabilities).
 A member file that changed or is missing is an error naming it.
 """
 
@@ -32,9 +34,11 @@ from histoclass.models.checkpoint import (
     atomic_save,
     check_checkpoint,
     check_ensemble_numbers,
+    ensemble_calibration,
     file_sha256,
     load_file,
     load_reason,
+    member_file,
 )
 from histoclass.models.classifier import Preparation, Scores
 from histoclass.models.concat import ConcatHead
@@ -49,8 +53,10 @@ from histoclass.models.voting import (
     combine,
     dihedral,
     disagreement,
+    fuse,
     normalised_weights,
     stack_features,
+    temper,
 )
 
 __all__ = [
@@ -59,7 +65,7 @@ __all__ = [
     "stack_features",
 ]
 FORMAT = "histoclass-ensemble"
-VERSION = 1
+VERSION = 2  # 2: the ensemble's own temperature and referral rule
 DEFAULT_REFER = 0.25
 
 
@@ -69,7 +75,9 @@ class Ensemble:
     def __init__(self, members: Sequence[Member], method: str = "soft", *,
                  weights: Sequence[float] | None = None, stack: dict[str, Any] | None = None,
                  head: ConcatHead | None = None, refer_threshold: float = DEFAULT_REFER,
-                 member_paths: Sequence[str | Path] = (), fit: dict[str, Any] | None = None):
+                 member_paths: Sequence[str | Path] = (), fit: dict[str, Any] | None = None,
+                 temperature: float = 1.0, calibration: dict[str, Any] | None = None,
+                 refer_risk: dict[str, Any] | None = None):
         if method not in (*METHODS, "single"):
             raise ValueError(f"unknown ensemble method {method!r}; choose one of "
                              f"{', '.join(METHODS)}")
@@ -91,6 +99,9 @@ class Ensemble:
         self.refer_threshold = float(refer_threshold)
         self.member_paths = [str(p) for p in member_paths]
         self.fit = fit or {}
+        # The ensemble's own calibration (a lone member's lives in its metadata).
+        self.own_temperature = float(temperature) if self.is_ensemble else 1.0
+        self.calibration, self.refer_risk = calibration, refer_risk
         self.device = torch.device("cpu")
 
     # -- the Classifier interface ---------------------------------------------------------------
@@ -118,13 +129,16 @@ class Ensemble:
 
     @property
     def temperature(self) -> float:
-        """The temperature already in :attr:`Scores.proba` (a lone member's, else 1)."""
-        return 1.0 if self.is_ensemble else float(self.members[0].meta.get("temperature", 1.0))
+        """The temperature already in :attr:`Scores.proba`: the ensemble's own (1 when not
+        fitted), or a lone member's."""
+        return self.own_temperature if self.is_ensemble else \
+            float(self.members[0].meta.get("temperature", 1.0))
 
     @property
     def confidence_threshold(self) -> float | None:
-        """Refer below this top probability (a lone member's ``--refer-risk`` threshold)."""
-        rule = None if self.is_ensemble else self.members[0].meta.get("refer_risk")
+        """Refer below this top probability (the ensemble's, or a lone member's,
+        ``--refer-risk`` threshold)."""
+        rule = self.refer_risk if self.is_ensemble else self.members[0].meta.get("refer_risk")
         return (rule or {}).get("threshold")
 
     def describe(self) -> dict[str, Any]:
@@ -192,16 +206,16 @@ class Ensemble:
         for v in range(len(views[0])):
             p, feats = self.forward([vs[v] for vs in views], features=self.method == "concat")
             members = members + p
-            if self.method == "concat":
-                self.head.eval()
-                head_p = head_p + self.head(torch.cat(feats, 1)).float().softmax(-1)
+            if self.head is not None:  # the head is averaged over views, not its inputs
+                head_p = head_p + fuse(self.method, p, feats, head=self.head.eval())[0]
         members = members / len(views[0])
-        if self.method == "concat":
+        if self.head is not None:
             proba = head_p / len(views[0])
             pred = proba.argmax(-1)
         else:
             proba, pred = combine(self.method, members, weights=self.weights, stack=self.stack)
-        return Output(proba, pred, members, disagreement(self.method, members, pred))
+        return Output(temper(proba, self.own_temperature), pred, members,
+                      disagreement(self.method, members, pred))
 
     # -- the ensemble file ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -226,22 +240,10 @@ class Ensemble:
                                                     for k, v in self.head.state_dict().items()},
             "head_config": None if self.head is None else self.head.config,
             "refer_threshold": self.refer_threshold, "fit": self.fit,
-            "histoclass_version": __version__,
+            "temperature": self.own_temperature, "calibration": self.calibration,
+            "refer_risk": self.refer_risk, "histoclass_version": __version__,
         }
         return atomic_save(obj, path)
-
-
-def _member_file(path: Path, entry: dict[str, Any]) -> Path:
-    for cand in (path.parent / entry["path"], Path(entry["abs_path"])):
-        if cand.is_file():
-            if file_sha256(cand) != entry["sha256"]:
-                raise CheckpointError(
-                    f"{path}: member {entry['name']} file {cand} has changed since the ensemble "
-                    "was built (sha256 differs); rebuild the ensemble with histoclass ensemble"
-                )
-            return cand
-    raise CheckpointError(f"{path}: member {entry['name']} file {entry['path']} is missing "
-                          f"(looked in {path.parent} and {entry['abs_path']})")
 
 
 def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> Ensemble:
@@ -265,9 +267,10 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> Ens
             for e in entries)):
         raise CheckpointError(f"{path}: ensemble file with malformed members or method "
                               f"{obj.get('method')!r} (valid: {', '.join(METHODS)})")
-    files = [_member_file(path, e) for e in entries]
+    files = [member_file(path, e) for e in entries]
     members = [load_member(f, e["name"], device) for f, e in zip(files, entries, strict=True)]
     check_ensemble_numbers(obj, path)
+    calibrated = ensemble_calibration(obj, path)
     head = None
     if obj.get("head") is not None:
         try:
@@ -278,7 +281,7 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> Ens
                                   ) from None
     return Ensemble(members, obj["method"], weights=obj.get("weights"), stack=obj.get("stack"),
                     head=head, refer_threshold=obj.get("refer_threshold", DEFAULT_REFER),
-                    member_paths=files, fit=obj.get("fit")).to(device)
+                    member_paths=files, fit=obj.get("fit"), **calibrated).to(device)
 
 
 def ensemble_of(members: Sequence[Member], paths: Sequence[str | Path],

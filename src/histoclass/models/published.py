@@ -34,6 +34,7 @@ import torch
 from histoclass.models.checkpoint import (
     CheckpointError,
     build_model,
+    ensemble_calibration,
     file_sha256,
     preprocess_of,
     stain_of,
@@ -260,4 +261,5 @@ def read_published(folder: Path, device: str | torch.device = "cpu"
         head.eval()
     return parts, {"method": obj["method"], "weights": obj.get("weights"),
                    "stack": obj.get("stack"), "head": head, "refer_threshold": refer,
-                   "member_paths": dirs, "fit": obj.get("fit")}
+                   "member_paths": dirs, "fit": obj.get("fit"),
+                   **ensemble_calibration(obj, path)}

@@ -11,6 +11,10 @@ Disagreement: ``hard``: share of members voting against the result; otherwise th
 deviation of the members' ``p_malignant`` (two classes) or their mean total-variation distance
 from the mean distribution (more classes). ``refer`` flags disagreement above the ensemble's
 ``refer_threshold``.
+
+An ensemble's own temperature ``T`` (fitted on validation by
+:func:`histoclass.train.ensembles.fit_ensemble`) rescales the combined probabilities as
+``softmax(log(p) / T)`` (:func:`temper`): the argmax never changes.
 """
 
 from __future__ import annotations
@@ -66,6 +70,26 @@ def combine(method: str, members: torch.Tensor, *, weights: Sequence[float] | No
     else:
         raise ValueError(f"unknown ensemble method {method!r}; choose one of {', '.join(METHODS)}")
     return proba, proba.argmax(-1)
+
+
+def fuse(method: str, members: torch.Tensor, feats: Sequence[torch.Tensor] = (), *,
+         weights: Sequence[float] | None = None, stack: dict[str, Any] | None = None,
+         head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(proba, pred)`` of any method before the ensemble's temperature: :func:`combine`, or
+    the concatenation ``head`` on the members' pooled ``feats`` (one home for PyTorch, the
+    ONNX graph and the fitting on validation)."""
+    if head is None:
+        return combine(method, members, weights=weights, stack=stack)
+    proba = head(torch.cat(list(feats), 1)).float().softmax(-1)
+    return proba, proba.argmax(-1)
+
+
+def temper(proba: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(log(proba) / T)``: the ensemble's temperature on its combined probabilities
+    (``proba`` itself when ``T = 1``; clamped so a zero stays a finite logit)."""
+    if temperature == 1.0:
+        return proba
+    return (proba.clamp_min(1e-30).log() / temperature).softmax(-1)
 
 
 def stack_features(members: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,15 @@
 Test rows are never read: only ``select(manifest, "val", fold)`` reaches the members. See
 :mod:`histoclass.models.voting` for the rules, :mod:`histoclass.models.ensemble` for the file
 format and :mod:`histoclass.models.fit` for how weights, stacking and the concat head are fitted.
+
+Every method then gets its own temperature and ``--refer-risk`` rule
+(:func:`histoclass.calibration.calibrate_logits` on ``log`` of its combined validation
+probabilities): ``soft``/``weighted`` on every validation image; ``stack``/``concat`` on the inner
+stop rows only, the ones their parameters were not fitted on; ``hard`` fits no temperature (a
+vote share is a count of members, not a probability to rescale) but may state a referral rule on
+its vote share. None is fitted when a member was trained on the validation split
+(``--probe-select cv``: in-sample there) or, for soft/hard, without a manifest; the record says
+why.
 """
 
 from __future__ import annotations
@@ -12,9 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
+from histoclass.calibration import calibrate_logits
 from histoclass.models import fit as fitting
 from histoclass.models.concat import fit_head
 from histoclass.models.ensemble import (
@@ -27,6 +38,7 @@ from histoclass.models.ensemble import (
 )
 from histoclass.models.factory import resolve_device
 from histoclass.models.members import FAMILIES
+from histoclass.models.voting import fuse
 from histoclass.predict import prepared_batches
 
 log = logging.getLogger(__name__)
@@ -56,6 +68,9 @@ def fit_ensemble(
     batch_size: int = 16,
     workers: int = 0,
     device: str | torch.device = "cpu",
+    calibrate: str = "temperature",
+    refer_risk: float | None = None,
+    refer_delta: float = 0.1,
 ) -> Ensemble:
     """Load members and fit ``method`` on the validation split of ``manifest``.
 
@@ -70,6 +85,10 @@ def fit_ensemble(
         batch_size: Images per forward pass.
         workers: Decoding threads.
         device: Torch device for the members.
+        calibrate: ``temperature`` (fit the ensemble's own ``T`` on validation) or ``none``.
+        refer_risk: Target error among accepted images: the confidence threshold of
+            :func:`~histoclass.calibration.choose_refer_threshold`, stored in the file.
+        refer_delta: Allowed probability that the stated error bound is wrong.
     """
     if method not in METHODS:
         raise ValueError(f"unknown ensemble method {method!r}; choose one of {', '.join(METHODS)}")
@@ -80,12 +99,32 @@ def fit_ensemble(
     base = ensemble_of([load_member(p, device=device) for p in paths], paths,
                        refer_threshold=refer_threshold).to(device)
 
+    if calibrate not in ("temperature", "none"):
+        raise ValueError(f"calibration {calibrate!r}: choose one of temperature, none")
+    if refer_risk is not None and not 0 < refer_risk < 1:
+        raise ValueError(f"--refer-risk {refer_risk}: must be in (0, 1)")
+    cal = {"method": calibrate, "risk": refer_risk, "delta": refer_delta}
+
     def make(fit: dict[str, Any], **params: Any) -> Ensemble:
         return Ensemble(base.members, method, refer_threshold=refer_threshold,
                         member_paths=paths, fit=fit, **params).to(device)
 
+    seen = trained_on_val(base)
     if method in ("soft", "hard"):
-        return make({"manifest": str(manifest) if manifest else None, "fold": fold, "rows": 0})
+        fit0 = {"manifest": str(manifest) if manifest else None, "fold": fold, "rows": 0}
+        if seen or manifest is None:
+            if manifest is None and refer_risk is not None:
+                raise ValueError("--refer-risk is chosen on a validation split: give --manifest")
+            why = (f"member(s) {', '.join(seen)} were trained on the validation split "
+                   "(--probe-select cv): the ensemble's outputs there are in-sample" if seen
+                   else "no --manifest: no validation split to fit on")
+            return make(fit0, **_not_fitted(why, cal))
+        frame = _validation(manifest, fold, base, fitted=False)
+        index, probs, _, skipped = member_outputs(base, list(frame["path"]), False, batch_size,
+                                                  workers)
+        y = _targets(base, frame.iloc[index])
+        ens = make(fit0)
+        return _calibrated(ens, probs, None, y, range(len(y)), "val split", cal)
     if manifest is None:
         raise ValueError(f"method {method!r} is fitted on a validation split: give --manifest")
     frame = _validation(manifest, fold, base)
@@ -94,8 +133,7 @@ def fit_ensemble(
     if skipped:
         log.warning("fitting without %d unreadable validation image(s)", len(skipped))
     rows = frame.iloc[index].reset_index(drop=True)
-    target_col = "label" if base.task == "binary" else "subtype"
-    y = torch.tensor([base.classes.index(v) for v in rows[target_col]])
+    y = _targets(base, rows)
     fit_rows, stop_rows, how = fitting.inner_split(list(rows["patient_id"]), y.tolist(),
                                                    inner_frac, seed)
     fit: dict[str, Any] = {
@@ -105,13 +143,59 @@ def fit_ensemble(
         "paths": [str(p) for p in rows["path"]],  # exactly what was fitted on (audit trail)
     }
     if method == "weighted":
-        return make(fit, weights=fitting.fit_weights(probs, y))
+        ens = make(fit, weights=fitting.fit_weights(probs, y))
+        return _calibrated(ens, probs, None, y, range(len(y)),
+                           "val split (the rows that fitted the weights)", cal)
     if method == "stack":
         x = stack_features(probs).double().numpy()
-        return make(fit, stack=fitting.fit_stack(x, y.numpy(), fit_rows, stop_rows,
-                                                 len(base.classes)))
-    head, info = fit_head(feats, y, fit_rows, stop_rows, len(base.classes), seed=seed)
-    return make({**fit, **info}, head=head)
+        ens = make(fit, stack=fitting.fit_stack(x, y.numpy(), fit_rows, stop_rows,
+                                                len(base.classes)))
+    else:
+        head, info = fit_head(feats, y, fit_rows, stop_rows, len(base.classes), seed=seed)
+        ens = make({**fit, **info}, head=head)
+    return _calibrated(ens, probs, feats, y, stop_rows, f"val stop rows (the {method} "
+                       f"parameters were fitted on the other {len(fit_rows)})", cal)
+
+
+def _targets(ens: Ensemble, rows: pd.DataFrame) -> torch.Tensor:
+    col = "label" if ens.task == "binary" else "subtype"
+    return torch.tensor([ens.classes.index(v) for v in rows[col]])
+
+
+def _not_fitted(why: str, cal: dict[str, Any]) -> dict[str, Any]:
+    """Ensemble keywords for ``T = 1`` and no referral threshold, saying ``why``."""
+    if cal["method"] == "temperature" or cal["risk"] is not None:
+        log.warning("ensemble not calibrated: %s", why)
+    rule = None if cal["risk"] is None else {
+        "alpha": cal["risk"], "delta": cal["delta"], "threshold": None, "reason": why}
+    return {"temperature": 1.0, "calibration": {"method": cal["method"], "images": 0,
+                                                "reason": why}, "refer_risk": rule}
+
+
+def _calibrated(ens: Ensemble, probs: torch.Tensor, feats: torch.Tensor | None,
+                y: torch.Tensor, rows: Sequence[int], on: str, cal: dict[str, Any]) -> Ensemble:
+    """``ens`` with its own temperature and referral rule fitted on ``rows`` of its combined
+    validation probabilities (``log`` of them as logits: ``softmax(log(p) / T)``)."""
+    rows, dev = list(rows), ens.device
+    with torch.no_grad():
+        proba, _ = fuse(ens.method, probs[:, rows].to(dev),
+                        [] if feats is None else [feats[rows].to(dev)], weights=ens.weights,
+                        stack=ens.stack, head=None if ens.head is None else ens.head.eval())
+    proba = proba.cpu()
+    z = np.log(np.clip(proba.double().numpy(), 1e-30, None))
+    method = "none" if ens.method == "hard" else cal["method"]
+    rec = calibrate_logits(z, y[rows].numpy(), method, cal["risk"], cal["delta"])
+    rec["calibration"].update(method=cal["method"], fitted_on=f"{on}: {len(rows)} image(s)")
+    if ens.method == "hard" and cal["method"] == "temperature":
+        rec["calibration"]["reason"] = ("hard voting: a vote share is a count of members, not a "
+                                        "probability; no temperature fitted")
+    ens.own_temperature = rec["temperature"]
+    ens.calibration, ens.refer_risk = rec["calibration"], rec["refer_risk"]
+    c = rec["calibration"]
+    log.info("%s ensemble: temperature %.4f on %s%s", ens.method, ens.own_temperature,
+             c["fitted_on"], "" if rec["refer_risk"] is None else
+             f"; refer below confidence {rec['refer_risk']['threshold']}")
+    return ens
 
 
 def member_outputs(ens: Ensemble, paths: list[str], features: bool, batch_size: int = 16,
@@ -142,11 +226,12 @@ def trained_on_val(ens: Ensemble) -> list[str]:
             if "val" in ((m.meta.get("linear") or {}).get("trained_on") or [])]
 
 
-def _validation(manifest: str | Path, fold: int | None, ens: Ensemble) -> pd.DataFrame:
+def _validation(manifest: str | Path, fold: int | None, ens: Ensemble, fitted: bool = True
+                ) -> pd.DataFrame:
     from histoclass.data.manifest import read_manifest, select
 
     seen = trained_on_val(ens)
-    if seen:
+    if seen and fitted:
         raise ValueError(f"member(s) {', '.join(seen)} were trained on the validation split "
                          "(--probe-select cv), so their validation outputs are in-sample and "
                          "cannot fit an ensemble; use --method soft or hard, or members "

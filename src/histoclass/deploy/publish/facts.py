@@ -74,8 +74,8 @@ def reading(ens: Ensemble) -> dict[str, Any]:
     stains = [m.get("stain") for m in metas]
     return {
         "input_mode": key("input_mode"),
-        "temperature": getattr(ens, "temperature", None) or key("temperature"),
-        "refer": getattr(ens, "refer", None) or key("refer"),
+        "temperature": ens.temperature,  # the one in the probabilities (members: their own)
+        "refer": ens.confidence_threshold,
         "refer_threshold": float(ens.refer_threshold),
         "train_mpp": key("train_mpp"),
         "model_kwargs": key("model_kwargs"),

@@ -129,7 +129,8 @@ def write_ensemble(ens: Ensemble, folder: Path, facts: dict[str, Any], license_i
            "weights": ens.weights, "stack": ens.stack,
            "head_config": None if ens.head is None else ens.head.config,
            "refer_threshold": float(ens.refer_threshold), "fit": portable(ens.fit or None),
-           "files": files, **facts}
+           "files": files, **facts, "calibration": portable(ens.calibration),
+           "refer_risk": portable(ens.refer_risk)}
     write_json(folder / META, obj)
     return obj
 
