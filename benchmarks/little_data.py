@@ -10,8 +10,9 @@ its group.
   fold's training rows (train + val) only (:mod:`little_data_probe`);
 * CLI: ``histoclass train --model efficientnet_liteK --weights <timm state dict>`` per member
   and fold (finetune + resize), soft/stack ensembles of the three (``histoclass ensemble``,
-  fitted on val); slots for ``--input tiles`` / ``--head linear`` runs, printed as "not
-  available in this build" when ``histoclass train --help`` does not offer them.
+  fitted and calibrated on val: its own temperature and ``--refer-risk`` threshold); slots
+  for ``--input tiles`` / ``--head linear`` runs, printed as "not available in this build"
+  when ``histoclass train --help`` does not offer them.
 
 Metrics pooled over folds: accuracy, balanced accuracy, ECE before/after temperature scaling
 (T fitted on held-out scores: the fold's val split for the CLI, inner out-of-fold scores for
@@ -104,19 +105,21 @@ def cli_fold(run: Path, manifest: Path, fold: int | None, weights: Path, flags: 
 
 
 def scored(model: Path, manifest: Path, fold: int | None, y_val, y_test) -> dict:
-    """Temperature and threshold fitted on the fold's val scores, except for a member that
-    carries its own (``--probe-select cv``: val was part of its training); an ensemble of
-    such members is scored as predicted (no held-out scores to fit on)."""
+    """An ensemble is scored with its own temperature and ``--refer-risk`` threshold
+    (``histoclass ensemble`` fitted them on val), and so is a ``--probe-select cv`` member
+    (fitted on its out-of-fold logits: val was part of its training); an ensemble of such
+    members has none (its val outputs are in-sample) and is scored as predicted. Other members:
+    temperature and threshold fitted here on the fold's val scores."""
     from histoclass.models.ensemble import load_model_file
 
-    zt = logits_from_p(scores(model, manifest, "test", fold))
+    zt = logits_from_p(scores(model, manifest, "test", fold))  # after the model's own T
     ens = load_model_file(model)
-    if any((m.meta.get("linear") or {}).get("probe_select") == "cv" for m in ens.members):
-        if ens.method != "single":
-            return {"T": None, "threshold": None, "p": softmax(zt), "p_cal": None}
-        meta = ens.members[0].meta
-        t, rule = meta["temperature"], meta.get("refer_risk") or {}
-        return {"T": t, "threshold": rule.get("threshold"), "p": softmax(zt * t),
+    if ens.is_ensemble and (ens.calibration or {}).get("reason"):
+        return {"T": None, "threshold": None, "p": softmax(zt), "p_cal": None}
+    cv = any((m.meta.get("linear") or {}).get("probe_select") == "cv" for m in ens.members)
+    if ens.is_ensemble or cv:
+        t = ens.temperature
+        return {"T": t, "threshold": ens.confidence_threshold, "p": softmax(zt * t),
                 "p_cal": softmax(zt)}
     zv = logits_from_p(scores(model, manifest, "val", fold))
     return fold_scores(zv, y_val, zt)
@@ -202,7 +205,8 @@ def main() -> None:
                 if not ens.is_file() and histoclass(
                         "ensemble", *map(str, members), "--method", method, "--manifest",
                         str(manifest), "--fold", str(f), "--out", str(ens), "--workers", "0",
-                        "--device", "cpu", check=False) is None:
+                        "--device", "cpu", "--refer-risk", str(ALPHA), "--refer-delta",
+                        str(DELTA), check=False) is None:
                     refused[method].append(f)
                     continue
                 res[method].append(scored(ens, manifest, f, yv, yt))

@@ -115,13 +115,68 @@ def test_evaluate_writes_calibration_json(tmp_path):
         "refer_reason": ["", "", "low confidence 0.60 < 0.80",
                          "low confidence 0.55 < 0.80"]}).to_csv(tmp_path / "p.csv",
                                                                      index=False)
-    write_outputs(evaluate_files([tmp_path / "p.csv"], bootstrap=0), tmp_path / "ev")
+    from histoclass.report import write_report
+
+    ev = evaluate_files([tmp_path / "p.csv"], bootstrap=0)
+    write_outputs(ev, tmp_path / "ev")
+    page = write_report(ev, tmp_path / "ev" / "report.html").read_text()
+    assert "The --refer-risk rule kept 0.500 of the images with error 0.000" in page
     got = json.loads((tmp_path / "ev" / "calibration.json").read_text())
     # confidences 0.9, 0.8 right and 0.6, 0.55 wrong, each in its own of 15 bins
     assert got["ece"] == pytest.approx((0.1 + 0.2 + 0.6 + 0.55) / 4)
     assert got["brier"] == pytest.approx((0.02 + 0.08 + 0.72 + 0.605) / 4)
     assert (got["coverage"], got["selective_error"], got["bins"]) == (0.5, 0.0, 15)
     assert got["ci95"] is None and got["ci_note"] == "n/a: bootstrap 0"
+    # accept conf >= t for t = 0.9, 0.8, 0.6, 0.55: errors 0/1, 0/2, 1/3, 2/4
+    curve = got["risk_coverage"]
+    assert curve["coverage"] == [0.25, 0.5, 0.75, 1.0]
+    assert curve["selective_error"] == pytest.approx([0, 0, 1 / 3, 0.5])
+    assert curve["aurc"] == pytest.approx((1 / 3 + 0.5) / 4)
+    assert curve["aurc_oracle"] == pytest.approx(curve["aurc"])  # the errors are already last
+    assert not got["calibrated"] and got["ece_before"] is None
+
+
+def test_risk_coverage_ties_move_together_and_the_oracle_is_the_floor():
+    # two confidence levels, one error in each: the curve has two points, not four
+    curve = cal.risk_coverage([0.9, 0.9, 0.6, 0.6], [True, False, True, False])
+    assert curve["threshold"] == [0.9, 0.6] and curve["coverage"] == [0.5, 1.0]
+    assert curve["aurc"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.5)
+    # oracle: 2 right first (risk 0, 0), then 1/3, 2/4
+    assert curve["aurc_oracle"] == pytest.approx((1 / 3 + 0.5) / 4)
+    assert cal.risk_coverage([], []) is None
+
+
+def test_evaluate_and_report_before_and_after_the_temperature(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from histoclass.evaluate import evaluate_files, write_outputs
+    from histoclass.report import write_report
+
+    # raw p 0.9 for 4 images, 2 right; after T = 2: sqrt-renormalised 0.75
+    raw, after = 0.9, 0.75
+    pd.DataFrame({
+        "path": [f"{i}.png" for i in range(4)], "patient_id": ["a", "a", "b", "b"],
+        "magnification": "40X", "label": ["malignant", "benign", "malignant", "benign"],
+        "split": "test", "p_malignant": after, "raw.p_malignant": raw, "pred": "",
+        "confidence": after}).to_csv(tmp_path / "p.csv", index=False)
+    ev = evaluate_files([tmp_path / "p.csv"], bootstrap=0)
+    write_outputs(ev, tmp_path / "ev")
+    got = json.loads((tmp_path / "ev" / "calibration.json").read_text())
+    assert got["calibrated"] and got["note"] is None
+    assert (got["ece_before"], got["ece"]) == pytest.approx((0.4, 0.25))
+    # Brier: half right (p_true = p), half wrong (p_true = 1 - p): mean of 2(1-p)^2 and 2p^2
+    assert got["brier_before"] == pytest.approx((2 * 0.1 ** 2 + 2 * 0.9 ** 2) / 2)
+    assert got["brier"] == pytest.approx((2 * 0.25 ** 2 + 2 * 0.75 ** 2) / 2)
+    bins = got["reliability"]
+    assert bins["before"]["count"][13] == 4 and bins["after"]["count"][11] == 4
+    assert bins["before"]["accuracy"][13] == 0.5 and bins["after"]["confidence"][11] == 0.75
+    page = write_report(ev, tmp_path / "ev" / "report.html").read_text()
+    # confusion, ROC, reliability before and after, risk-coverage
+    assert page.count("data:image/png;base64,") == 5
+    assert "before the temperature (raw.p_ columns)" in page and "not calibrated" not in page
+    assert "No image was referred for low confidence" in page
 
 
 def test_a_temperature_at_the_edge_of_its_range_is_noted(caplog):

@@ -128,10 +128,13 @@ def test_undefined_metric_is_null_in_json(tmp_path: Path, caplog: pytest.LogCapt
 def test_metrics_json_round_trip(tmp_path: Path) -> None:
     ev = evaluate_files([preds_csv(tmp_path / "p.csv", MAG_ROWS)], bootstrap=20, seed=4)
     written = write_outputs(ev, tmp_path / "out")
-    assert [p.name for p in written] == ["metrics.json", "evaluation.json"]
+    assert [p.name for p in written] == ["metrics.json", "evaluation.json", "calibration.json"]
     assert json.loads(written[0].read_text()) == ev.metrics
     meta = json.loads(written[1].read_text())
     assert (meta["images"], meta["patients"], meta["task"]) == (4, 2, "binary")
+    cal = json.loads(written[2].read_text())
+    assert cal == ev.calibration and not cal["calibrated"] and cal["ece_before"] is None
+    assert cal["note"].startswith("not calibrated")
 
 
 def test_folds_mean_and_std(tmp_path: Path) -> None:

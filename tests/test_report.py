@@ -73,7 +73,10 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     page = (tmp_path / "ev" / "report.html").read_text()
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page)
     assert "<script" not in page and "<link" not in page
-    assert page.count("data:image/png;base64,") == 3  # confusion, ROC, reliability
+    # confusion, ROC, reliability, risk-coverage; uncalibrated predictions say so
+    assert page.count("data:image/png;base64,") == 4
+    assert "not calibrated: the predictions carry no raw.p_ columns" in page
+    assert "Risk-coverage" in page or "AURC" in page
     assert LEAK_NOTE not in page
     for key in METRICS:
         assert f"<b>{key}</b>" in page

@@ -200,6 +200,8 @@ def test_onnx_backend_matches_torch(run, ckpt, slide_path, tmp_path):
     assert onnx.resolution == load_model_file(ckpt).resolution
     s = predict_slide(onnx, slide_path, tmp_path, SlideOptions(batch_size=16))
     assert s["model"]["backend"] == "onnx"
+    # the tiny member carries no temperature, and the summary does not call it calibrated
+    assert s["model"]["probabilities"] == "uncalibrated (the model applies no temperature)"
     a = pd.read_csv(run[0] / "tiles.csv").sort_values(["row", "col"]).reset_index(drop=True)
     b = pd.read_csv(tmp_path / "case1" / "tiles.csv").sort_values(["row", "col"])
     b = b.reset_index(drop=True)

@@ -6,6 +6,7 @@
 * :func:`ece` / :func:`brier` — calibration of a probability matrix (ECE reuses
   :func:`histoclass.metrics.ece`, the one home of the binning rule).
 * :func:`clopper_pearson_upper` — exact one-sided binomial upper bound (Clopper & Pearson 1934).
+* :func:`risk_coverage` — the risk-coverage curve of a confidence and its area (AURC).
 * :func:`choose_refer_threshold` — the lowest confidence threshold whose accepted validation
   images have an error rate bounded by ``alpha`` with probability ``1 - delta``, selected by
   fixed-sequence testing as in "Learn then Test" (Angelopoulos et al. 2021).
@@ -156,6 +157,38 @@ def choose_refer_threshold(confidence: Sequence[float], correct: Sequence[bool],
         log.warning("no confidence threshold bounds the error at %.3g (delta %.3g) on %d "
                     "validation images; no referral rule can be stated", alpha, delta, len(conf))
     return best
+
+
+def risk_coverage(confidence: Sequence[float], correct: Sequence[bool]) -> dict | None:
+    """The risk-coverage curve of "accept when ``confidence >= t``" over every distinct ``t``
+    (from the most confident down), and the area under it (AURC; Geifman et al. 2019,
+    "Bias-Reduced Uncertainty Estimation for Deep Neural Classifiers").
+
+    Ties are accepted or referred together, so the curve does not depend on their order; AURC
+    is the step integral ``sum_t risk(t) * (coverage(t) - coverage(t_prev))``, which equals the
+    mean over ``k`` of the error among the ``k`` most confident images when no confidences tie.
+    ``aurc_oracle`` is the AURC of a ranking that puts every error last (the floor).
+
+    Returns:
+        ``{"threshold", "coverage", "selective_error"}`` lists and ``aurc``, ``aurc_oracle``;
+        ``None`` for no images.
+    """
+    conf, wrong = np.asarray(confidence, float), ~np.asarray(correct, bool)
+    if len(conf) != len(wrong):
+        raise ValueError(f"{len(conf)} confidences but {len(wrong)} correctness flags")
+    if len(conf) == 0:
+        return None
+    order = np.argsort(-conf, kind="stable")
+    conf, errors = conf[order], np.cumsum(wrong[order])
+    last = np.r_[conf[1:] != conf[:-1], True]  # the last image of each run of equal confidence
+    n = np.flatnonzero(last) + 1
+    coverage, risk = n / len(conf), errors[last] / n
+    k = np.arange(1, len(conf) + 1)
+    oracle = np.clip(k - (len(conf) - errors[-1]), 0, None) / k
+    return {"threshold": conf[last].tolist(), "coverage": coverage.tolist(),
+            "selective_error": risk.tolist(),
+            "aurc": float((risk * np.diff(np.r_[0.0, coverage])).sum()),
+            "aurc_oracle": float(oracle.mean())}
 
 
 def calibrate_logits(logits: np.ndarray, labels: Sequence[int], method: str = "temperature",

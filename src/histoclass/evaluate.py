@@ -152,11 +152,9 @@ def evaluate_frame(frame: pd.DataFrame, task: Task, threshold: float = 0.5,
     """``metrics.json`` for one set of predictions: pooled, per magnification, and ``ci95``
     from a patient cluster bootstrap (``bootstrap=0`` gives null intervals)."""
     out: dict = metric_set(frame, task, threshold, context=context)
-    out["per_magnification"] = {
-        mag: metric_set(frame[frame["magnification"] == mag], task, threshold,
-                        context=f"{context}, {mag}")
-        for mag in magnifications(frame)
-    }
+    out["per_magnification"] = {mag: metric_set(frame[frame["magnification"] == mag], task,
+                                                threshold, context=f"{context}, {mag}")
+                                for mag in magnifications(frame)}
     out["ci95"] = bootstrap_ci(lambda f: metric_set(f, task, threshold), frame, n=bootstrap,
                                seed=seed) if bootstrap else dict.fromkeys(METRICS)
     return out
@@ -196,6 +194,7 @@ class Evaluation:
     members: dict = field(default_factory=dict)
     referral: dict | None = None
     meta: dict = field(default_factory=dict)
+    calibration: dict | None = None  # calibration.json (:func:`histoclass.selective.summary`)
 
 
 def member_names(frame: pd.DataFrame) -> list[str]:
@@ -282,7 +281,8 @@ def evaluate_files(paths: Sequence[str | Path], threshold: float = 0.5, bootstra
             "ci_note": ci_note, "source": evidence.describe_source(pooled),
             "errors": errors, "groups": None if groups is None else str(groups)}
     return Evaluation(metrics, pooled, task, threshold, folds, members,
-                      referral(pooled, task, threshold, refer_threshold), meta)
+                      referral(pooled, task, threshold, refer_threshold), meta,
+                      selective.summary(pooled, list(task.prob_columns), meta))
 
 
 def write_json(obj: dict, path: Path) -> Path:
@@ -295,6 +295,5 @@ def write_json(obj: dict, path: Path) -> Path:
 def write_outputs(ev: Evaluation, out: str | Path) -> list[Path]:
     """Write ``<name>.json`` into ``out`` for each non-empty part (:mod:`histoclass.selective`)."""
     files = {"metrics": ev.metrics, "evaluation": ev.meta, "folds": ev.folds,
-             "members": ev.members, "referral": ev.referral,
-             "calibration": selective.summary(ev.frame, list(ev.task.prob_columns), ev.meta)}
+             "members": ev.members, "referral": ev.referral, "calibration": ev.calibration}
     return [write_json(obj, Path(out) / f"{name}.json") for name, obj in files.items() if obj]

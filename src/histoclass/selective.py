@@ -1,12 +1,19 @@
 """``calibration.json`` of ``histoclass evaluate``: how calibrated the predicted probabilities
-are on the evaluated (test) rows, and what the stated-risk referral rule did there (no torch).
+are on the evaluated (test) rows, before and after the model's temperature, and what
+accepting only confident images does there (no torch).
 
-From a predictions CSV (written with ``confidence``/``refer_reason`` columns, so by a model
-that carries its calibration): ECE (15 bins) and Brier of the probabilities as predicted (after
-the model's temperature), and, when some row was referred for low confidence, the coverage (the
-share of images kept) and selective error (the error among them) with patient-bootstrap 95%
-intervals (:func:`histoclass.metrics.bootstrap_ci`). The uncalibrated ("before") numbers are in
-the checkpoint's ``calibration`` (validation): a CSV holds calibrated probabilities only.
+From a predictions CSV:
+
+* ECE (15 bins) and Brier of the probabilities as predicted (``p_...``, after the model's
+  temperature) and, when the CSV has them, of its ``raw.p_...`` columns (before it: written
+  whenever ``T != 1``). Without them the model applied no temperature, and the record says
+  ``not calibrated`` instead of inventing a "before".
+* The reliability bins of both (what the report draws).
+* The risk-coverage curve of the top-label confidence and its AURC
+  (:func:`histoclass.calibration.risk_coverage`), with the point the model's ``--refer-risk``
+  rule chose: when some row was referred for low confidence, the coverage (the share of images
+  kept) and selective error (the error among them) with patient-bootstrap 95% intervals
+  (:func:`histoclass.metrics.bootstrap_ci`).
 """
 
 from __future__ import annotations
@@ -17,26 +24,42 @@ import numpy as np
 import pandas as pd
 
 from histoclass import calibration, evidence
-from histoclass.metrics import bootstrap_ci
+from histoclass.metrics import bootstrap_ci, reliability, top_label
 
 BINS = 15
+CURVE_POINTS = 200  # the stored curve is thinned to at most this many points; AURC is exact
+NOT_CALIBRATED = ("not calibrated: the predictions carry no raw.p_ columns, so the model "
+                  "applied no temperature (T = 1); there is no 'before' to compare")
 
 
-def _probs(frame: pd.DataFrame, prob_columns: list[str]) -> np.ndarray:
-    p = frame[prob_columns].to_numpy(float)
+def _probs(frame: pd.DataFrame, prob_columns: list[str], prefix: str = "") -> np.ndarray:
+    p = frame[[prefix + c for c in prob_columns]].to_numpy(float)
     return np.column_stack([1 - p[:, 0], p[:, 0]]) if len(prob_columns) == 1 else p
+
+
+def _bins(y: np.ndarray, p: np.ndarray) -> dict[str, list]:
+    n, acc, conf = reliability(*top_label(y, p), BINS)
+    clean = [None if not np.isfinite(v) else float(v) for v in (*acc, *conf)]
+    return {"count": n.astype(int).tolist(), "accuracy": clean[:BINS], "confidence": clean[BINS:]}
+
+
+def _thin(curve: dict[str, Any]) -> dict[str, Any]:
+    keep = np.unique(np.linspace(0, len(curve["coverage"]) - 1, CURVE_POINTS).round().astype(int))
+    return {**curve, **{k: [curve[k][i] for i in keep]
+                        for k in ("threshold", "coverage", "selective_error")}}
 
 
 def summary(frame: pd.DataFrame, prob_columns: list[str], settings: dict[str, Any]
             ) -> dict[str, Any] | None:
-    """The ``calibration.json`` object for evaluated rows (with ``y``), or ``None`` when the
-    predictions carry no ``confidence`` column (written before calibration existed).
-    ``settings`` gives the evaluation's ``bootstrap`` replicates and ``seed``."""
-    if "confidence" not in frame.columns:
+    """The ``calibration.json`` object for evaluated rows (with ``y``), or ``None`` for no
+    rows. ``settings`` gives the evaluation's ``bootstrap`` replicates and ``seed``."""
+    if len(frame) == 0:
         return None
     bootstrap, seed = settings.get("bootstrap", 1000), settings.get("seed", 0)
     y = frame["y"].to_numpy(int)
     p = _probs(frame, prob_columns)
+    raw = all(f"raw.{c}" in frame.columns for c in prob_columns)
+    before = _probs(frame, prob_columns, "raw.") if raw else None
     reasons = frame.get("refer_reason", pd.Series([""] * len(frame), index=frame.index))
     low = reasons.astype(str).str.contains("confidence ").to_numpy()
 
@@ -46,10 +69,16 @@ def summary(frame: pd.DataFrame, prob_columns: list[str], settings: dict[str, An
         return {"coverage": float(keep.mean()) if len(f) else None,
                 "selective_error": float(wrong[keep].mean()) if keep.any() else None}
 
-    out: dict[str, Any] = {"images": len(y), "bins": BINS,
-                           "ece": calibration.ece(p, y, BINS), "brier": calibration.brier(p, y),
-                           "referral_rule": "confidence below the model's refer_risk threshold"
-                           if low.any() else None}
+    curve = calibration.risk_coverage(p.max(1), p.argmax(1) == y)
+    out: dict[str, Any] = {
+        "images": len(y), "bins": BINS, "calibrated": raw, "note": None if raw else NOT_CALIBRATED,
+        "ece": calibration.ece(p, y, BINS), "brier": calibration.brier(p, y),
+        "ece_before": calibration.ece(before, y, BINS) if raw else None,
+        "brier_before": calibration.brier(before, y) if raw else None,
+        "reliability": {"after": _bins(y, p), "before": _bins(y, before) if raw else None},
+        "risk_coverage": _thin(curve),
+        "referral_rule": "confidence below the model's refer_risk threshold" if low.any()
+        else None}
     if low.any():
         work = frame.assign(_low=low)
         out.update(selective(work))

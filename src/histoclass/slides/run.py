@@ -227,14 +227,18 @@ def _finish(clf: Classifier, slide: Slide, grid: Grid, res: Resolution, res_sour
         with lock:  # Grad-CAM hooks must not meet another thread's forward pass
             top_tiles(clf, slide, grid.level, frame, p_mal, opts.explain_top, folder / "top")
     described = clf.describe()
-    calibrated = any(described.get(k) for k in ("calibration", "temperature"))
+    t = float(getattr(clf, "temperature", 1.0))  # the one already in the probabilities
+    members_t = [m.meta.get("temperature", 1.0) for m in getattr(clf, "members", [])]
+    calibrated = (f"calibrated (temperature {t:.4g})" if t != 1.0 else
+                  "members calibrated (their temperatures), the ensemble not" if
+                  any(v != 1.0 for v in members_t) else
+                  "uncalibrated (the model applies no temperature)")
     return {
         "slide": slide.path.name, "path": str(slide.path), "histoclass_version": __version__,
         "model": {"classes": list(clf.classes), "method": clf.method,
                   "members": clf.member_names, "backend": described.get("backend", "torch"),
                   "resolution": res.to_dict(), "resolution_source": res_source,
-                  "probabilities": "calibrated" if calibrated else "uncalibrated (the model "
-                  "carries no calibration)"},
+                  "probabilities": calibrated},
         "slide_info": slide.info(),
         "reading": {**grid.to_dict(), "level_mpp": slide.level_mpp(grid.level),
                     "overlap": opts.overlap, "batch_size": opts.batch_size},

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
 
 from histoclass.data.splits import LEAK_NOTE
 from histoclass.evaluate import Evaluation, metric_set, predicted, probabilities
-from histoclass.metrics import METRICS, PATIENT_METRICS, reliability, top_label
+from histoclass.metrics import METRICS, PATIENT_METRICS
+from histoclass.report.calibration import calibration_section
+from histoclass.report.parts import confusion_figure, fmt, roc_figure, table
 
 log = logging.getLogger(__name__)
 
@@ -31,77 +32,6 @@ td{text-align:right}th{background:#eee}.leak{color:#b00;font-weight:bold;font-si
 .figs img{max-width:380px;margin-right:1em}.gallery{display:flex;flex-wrap:wrap;gap:8px}
 .tile{width:170px;font-size:11px;word-break:break-all}.missing{width:160px;height:120px;
 background:#eee;display:flex;align-items:center;justify-content:center;text-align:center}"""
-
-
-def fmt(value: float | None) -> str:
-    """Three decimals, or ``n/a`` for an undefined metric."""
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-def _png(fig: Figure) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-
-
-def confusion_figure(y: np.ndarray, pred: np.ndarray, classes: tuple[str, ...]) -> str:
-    """Image-level confusion matrix (rows true, columns predicted) as an ``<img>`` tag."""
-    k = len(classes)
-    cm = np.zeros((k, k), dtype=int)
-    np.add.at(cm, (y, pred), 1)
-    fig = Figure(figsize=(2 + 0.6 * k, 1.6 + 0.6 * k))
-    ax = fig.subplots()
-    ax.imshow(cm, cmap="Blues")
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_xticks(range(k), classes, rotation=45, ha="right")
-    ax.set_yticks(range(k), classes)
-    ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (images)")
-    return _png(fig)
-
-
-def roc_figure(y: np.ndarray, p: np.ndarray, classes: tuple[str, ...],
-               title: str = "ROC") -> str:
-    """ROC curve (binary) or one-vs-rest curves per class present (subtype)."""
-    from sklearn.metrics import roc_curve
-
-    fig = Figure(figsize=(4.2, 4))
-    ax = fig.subplots()
-    curves = [(1, p, "malignant")] if p.ndim == 1 else \
-        [(c, p[:, c], classes[c]) for c in range(len(classes))]
-    for c, score, name in curves:
-        if 0 < (y == c).sum() < len(y):
-            fpr, tpr, _ = roc_curve(y == c, score)
-            ax.plot(fpr, tpr, label=name)
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title)
-    if ax.lines[:-1]:
-        ax.legend(fontsize=7, loc="lower right")
-    return _png(fig)
-
-
-def reliability_figure(y: np.ndarray, p: np.ndarray, ece_value: float | None) -> str:
-    """Reliability diagram over the top-label confidence (the bins ECE uses)."""
-    n, acc, conf = reliability(*top_label(y, p))
-    width = 1 / len(n)
-    centers = (np.arange(len(n)) + 0.5) * width
-    fig = Figure(figsize=(4.2, 4))
-    ax = fig.subplots()
-    ax.bar(centers, np.nan_to_num(acc), width=width, edgecolor="black", label="accuracy")
-    ax.plot(conf, conf, "o", color="orange", ms=3, label="mean confidence")
-    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-label confidence", ylabel="accuracy",
-           title=f"Reliability (ECE {fmt(ece_value)})")
-    ax.legend(fontsize=7, loc="upper left")
-    return _png(fig)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def metrics_table(ev: Evaluation) -> str:
@@ -120,12 +50,12 @@ def metrics_table(ev: Evaluation) -> str:
         if ev.folds:
             row.append(f"{fmt(ev.folds['mean'][key])} ± {fmt(ev.folds['std'][key])}")
         rows.append(row)
-    return _table(header, rows)
+    return table(header, rows)
 
 
 def by_name_table(first: str, named: dict[str, dict]) -> str:
     """One row per name (magnification, member), one column per metric."""
-    return _table([first, *METRICS], [[f"<b>{html.escape(name)}</b>", *(fmt(m[k]) for k in METRICS)]
+    return table([first, *METRICS], [[f"<b>{html.escape(name)}</b>", *(fmt(m[k]) for k in METRICS)]
                                       for name, m in named.items()])
 
 
@@ -207,8 +137,8 @@ def render(ev: Evaluation, limit: int = 24) -> str:
         f'<p class="ci">95% CIs: {e(cis)}. {e(meta.get("ci_rule", ""))}.</p>',
         '<div class="figs">',
         confusion_figure(y, predicted(p, ev.threshold), task.classes),
-        roc_figure(y, p, task.classes, f"ROC (AUC {fmt(pooled['roc_auc'])})"),
-        reliability_figure(y, p, pooled["ece"]), "</div>",
+        roc_figure(y, p, task.classes, f"ROC (AUC {fmt(pooled['roc_auc'])})"), "</div>",
+        *calibration_section(ev),
     ]
     if ev.metrics["per_magnification"]:
         parts += ["<h2>Per magnification</h2>",
