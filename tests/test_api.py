@@ -156,6 +156,24 @@ def test_ensemble_members_disagreement_and_refer(tmp_path):
         == pytest.approx([0.9, 0.3, 1], abs=1e-6)
 
 
+def test_low_confidence_refers_with_its_reason_apart_from_disagreement(tmp_path):
+    from histoclass.app.fields import describe
+    from histoclass.models import ensemble as ens
+    a = make_member(tmp_path / "a.pt", bias=[0.0, math.log(9.0)])  # p(malignant) = 0.9
+    b = make_member(tmp_path / "b.pt", bias=[0.0, math.log(3 / 7)])  # p(malignant) = 0.3
+    members = [ens.load_member(a, "a"), ens.load_member(b, "b")]
+    # agreement rule off (0.3 <= 0.5); the stated-risk rule refers below confidence 0.7
+    ens.Ensemble(members, "soft", member_paths=[a, b], refer_threshold=0.5,
+                 refer_risk={"threshold": 0.7, "alpha": 0.1}).save(tmp_path / "e.pt")
+    clf = histoclass.load(tmp_path / "e.pt")
+    (pred,) = clf.predict(SAMPLES[0])
+    assert pred.refer and pred.refer_reason == "low confidence 0.60 < 0.70"
+    shown = describe(pred, clf)
+    assert shown["refer"] and shown["members_disagree"] is False
+    assert "members agree" in shown["why"] and "stated-risk threshold" in shown["why"]
+    assert clf.predict_frame([SAMPLES[0]])["refer_reason"].tolist() == [pred.refer_reason]
+
+
 def test_ensemble_explanation_is_fused_over_members(tmp_path):
     from histoclass.models import ensemble as ens
     a, b = make_member(tmp_path / "a.pt"), make_member(tmp_path / "b.pt", size=48)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from histoclass.calibration import referral
 from histoclass.data.breakhis import SUBTYPE_LABEL
 from histoclass.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, to_rgb_image
 from histoclass.models import Classifier, Ensemble, Scores, load_model_file, resolve_device
@@ -40,7 +41,10 @@ class Prediction:
         probs: Probability per class (``{}`` when the image could not be read).
         members: Per-member probabilities, by member name (ensembles only).
         disagreement: Member disagreement (ensembles only).
-        refer: True when the disagreement is above the model's refer threshold.
+        refer: True when the top probability is below the model's ``--refer-risk``
+            threshold or the members' disagreement is above its refer threshold.
+        refer_reason: Why ``refer`` is set (``low confidence 0.62 < 0.80``, ``members
+            disagree``, or both), empty when it is not.
         error: Why the image could not be read, or why it has no answer (a non-finite model
             output), else ``None``.
     """
@@ -51,6 +55,7 @@ class Prediction:
     disagreement: float | None = None
     refer: bool = False
     error: str | None = None
+    refer_reason: str = ""
 
     @property
     def ok(self) -> bool:
@@ -132,12 +137,15 @@ class Model:
 
     def _result(self, source: str, scores: Scores, k: int) -> Prediction:
         probs = {c: float(p) for c, p in zip(self.classes, scores.proba[k], strict=True)}
+        low = getattr(self.classifier, "confidence_threshold", None)
         if not self.is_ensemble:
-            return Prediction(source, probs)
+            refer, why = referral([max(probs.values())], low)
+            return Prediction(source, probs, refer=bool(refer[0]), refer_reason=str(why[0]))
         per = {n: {c: float(p) for c, p in zip(self.classes, mp, strict=True)}
                for n, mp in zip(self.member_names, scores.members[:, k], strict=True)}
         dis = float(scores.disagreement[k])
-        return Prediction(source, probs, per, dis, bool(dis > self.refer_threshold))
+        refer, why = referral([max(probs.values())], low, np.array([dis > self.refer_threshold]))
+        return Prediction(source, probs, per, dis, bool(refer[0]), refer_reason=str(why[0]))
 
     def _score(self, images: ImageLike | Sequence[ImageLike], batch_size: int, max_pixels: int
                ) -> tuple[list[str], list[str | None], Scores]:

@@ -62,9 +62,11 @@ def judge(pred: Prediction, clf: Model, band: tuple[float, float] = UNCERTAIN_BA
     inside = lo <= p <= hi
     why = [f"p(malignant) {_pct(p)} is {'inside' if inside else 'outside'} the uncertain band "
            f"{lo:.0%}\u2013{hi:.0%}"]
+    disagree = clf.is_ensemble and pred.disagreement is not None and \
+        pred.disagreement > clf.refer_threshold
     if clf.is_ensemble and pred.disagreement is not None:
-        sign = ">" if pred.refer else "\u2264"
-        why.append(f"members {'disagree' if pred.refer else 'agree'} (spread "
+        sign = ">" if disagree else "\u2264"
+        why.append(f"members {'disagree' if disagree else 'agree'} (spread "
                    f"{pred.disagreement:.2f} {sign} {clf.refer_threshold:.2f})")
     # the model's stated-risk rule (train --refer-risk), when it has one
     low = getattr(clf.classifier, "confidence_threshold", None)
@@ -84,7 +86,7 @@ def describe(pred: Prediction, clf: Model, band: tuple[float, float] = UNCERTAIN
                    probs=pred.probs, uncertain=uncertain, refer=uncertain, why=why)
         if clf.is_ensemble:
             out.update(members=pred.members, disagreement=pred.disagreement,
-                       members_disagree=pred.refer)
+                       members_disagree=pred.disagreement > clf.refer_threshold)
     return out
 
 
