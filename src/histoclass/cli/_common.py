@@ -134,6 +134,21 @@ def device_option(default: str = "auto") -> Any:
         "mps.")
 
 
+def calibrate_option(what: str) -> Any:
+    """``--calibrate temperature|none``: ``what`` says on which scores ``T`` is fitted."""
+    return typer.Option("temperature", help=f"temperature: fit T on {what} (stored in the "
+                        "file, applied at predict time); none: T = 1.")
+
+
+def refer_options(whose: str) -> tuple[Any, Any]:
+    """``--refer-risk`` and ``--refer-delta``: the stated-risk threshold chosen on ``whose``
+    validation confidences (:func:`histoclass.calibration.choose_refer_threshold`)."""
+    return (typer.Option(None, help=f"Refer images below the lowest val confidence of {whose} "
+                         "whose accepted images have error <= this with probability 1 - "
+                         "--refer-delta (Clopper-Pearson, Learn then Test)."),
+            typer.Option(0.1, help="Allowed probability that --refer-risk's bound is wrong."))
+
+
 def error_line(exc: BaseException) -> str:
     """The one line a user reads for an expected error; an ``OSError`` (read-only folder,
     full disk, a folder where a file should be) names its path."""

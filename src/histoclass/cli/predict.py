@@ -14,12 +14,16 @@ from histoclass.cli._common import (
     EnsembleMethod,
     Preset,
     Split,
+    calibrate_option,
     calibration_line,
     device_option,
     fail,
+    refer_options,
     report_written,
     user_errors,
 )
+
+ENSEMBLE_REFER = refer_options("the ensemble")
 
 
 def predict(
@@ -132,14 +136,11 @@ def ensemble(
     batch_size: int = typer.Option(16, help="Images per forward pass."),
     workers: int = typer.Option(2, help="Decoding threads."),
     device: str = device_option(),
-    calibrate: Calibrate = typer.Option(
-        "temperature", help="temperature: fit the ensemble's own T on its combined validation "
-        "probabilities (stack/concat: on the inner stop rows; hard: none); none: T = 1."),
-    refer_risk: float = typer.Option(
-        None, help="Refer images below the lowest val confidence of the ensemble whose "
-        "accepted images have error <= this with probability 1 - --refer-delta."),
-    refer_delta: float = typer.Option(0.1, help="Allowed probability that --refer-risk's "
-                                      "bound is wrong."),
+    calibrate: Calibrate = calibrate_option("the ensemble's combined val probabilities, as "
+                                            "softmax(log p / T) (stack/concat: the inner stop "
+                                            "rows; hard: none)"),
+    refer_risk: float = ENSEMBLE_REFER[0],
+    refer_delta: float = ENSEMBLE_REFER[1],
 ) -> None:
     """Combine member checkpoints into an ensemble file, fitted (and calibrated) on
     validation only."""

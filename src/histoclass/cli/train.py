@@ -18,7 +18,9 @@ from histoclass.cli._common import (
     Select,
     StainMethod,
     Task,
+    calibrate_option,
     device_option,
+    refer_options,
     report_written,
     user_errors,
 )
@@ -27,6 +29,7 @@ from histoclass.cli._common import (
 ALL_MEMBERS = "v1-b0,v1-b1,v1-b2,v1-b3,v1-b4,v2-b0,v2-b1,v2-b2,v2-b3,v2-s"
 Head = Literal["finetune", "linear"]
 ProbeSelect = Literal["val", "cv"]
+MEMBER_REFER = refer_options("the member")
 RUN_FILES = ("best.pt", "last.pt", "history.csv", "curves.png", "config.yaml", "done")
 
 
@@ -127,14 +130,10 @@ def train(
     feature_cache: str = typer.Option(
         None, help="--head linear: embeddings cache folder; default $HISTOCLASS_FEATURE_CACHE "
         "or ~/.cache/histoclass/features, 'off' for none."),
-    calibrate: Calibrate = typer.Option(
-        "temperature", help="temperature: fit T on the val split's logits of best.pt (stored "
-        "in it, applied before softmax at predict time); none: T = 1."),
-    refer_risk: float = typer.Option(
-        None, help="Refer images below the lowest val confidence whose accepted images have "
-        "error <= this with probability 1 - --refer-delta (Clopper-Pearson, Learn then Test)."),
-    refer_delta: float = typer.Option(0.1, help="Allowed probability that --refer-risk's "
-                                      "bound is wrong."),
+    calibrate: Calibrate = calibrate_option("the val split's logits of best.pt (--probe-select "
+                                            "cv: the out-of-fold logits)"),
+    refer_risk: float = MEMBER_REFER[0],
+    refer_delta: float = MEMBER_REFER[1],
 ) -> None:
     """Fine-tune one member on MANIFEST's train split, selecting on its val split
     (--head linear: fit a linear probe on the frozen backbone instead).
