@@ -125,6 +125,13 @@ def scored(model: Path, manifest: Path, fold: int | None, y_val, y_test) -> dict
     return fold_scores(zv, y_val, zt)
 
 
+def stale(path: Path) -> bool:
+    """An ensemble file without the calibration record of ``histoclass ensemble`` (version 1)."""
+    import torch
+
+    return torch.load(path, weights_only=True).get("calibration") is None
+
+
 def row(name: str, s: dict | None, seconds: float, note: str = "") -> str:
     if s is None:
         return f"| {name} | not available in this build | | | | | | |"
@@ -202,6 +209,8 @@ def main() -> None:
             for method in ("soft", "stack"):
                 t0 = time.perf_counter()
                 ens = args.out / variant / f"{method}-fold{f}.pt"
+                if ens.is_file() and stale(ens):  # written before ensembles were calibrated
+                    ens.unlink()
                 if not ens.is_file() and histoclass(
                         "ensemble", *map(str, members), "--method", method, "--manifest",
                         str(manifest), "--fold", str(f), "--out", str(ens), "--workers", "0",

@@ -136,6 +136,43 @@ def test_evaluate_writes_calibration_json(tmp_path):
     assert not got["calibrated"] and got["ece_before"] is None
 
 
+def test_recovered_raw_is_empty_where_a_probability_underflowed():
+    # T = 0.5 sharpened the raw (1/4, 3/4)-ish row: raw = sqrt(p) renormalised
+    got = cal.recovered(np.array([[0.0, 1.0], [0.25, 0.75]]), 0.5)
+    r = np.sqrt([0.25, 0.75])
+    assert np.isnan(got[0]).all() and got[1] == pytest.approx(r / r.sum())
+    # T > 1 softens: an exact 0 was already 0 before it
+    assert cal.recovered(np.array([[0.0, 1.0]]), 2.0)[0] == pytest.approx([0.0, 1.0])
+
+
+def test_folds_with_and_without_a_temperature_pool_into_one_before(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from histoclass.evaluate import evaluate_files, write_outputs
+
+    def fold(name, p, raw=None):
+        frame = pd.DataFrame({"path": [f"{name}{i}.png" for i in range(2)],
+                              "patient_id": [f"{name}a", f"{name}b"], "magnification": "40X",
+                              "label": ["malignant", "benign"], "split": "test",
+                              "p_malignant": p, "pred": "", "confidence": [max(q, 1 - q)
+                                                                           for q in p]})
+        if raw is not None:
+            frame["raw.p_malignant"] = raw
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
+        return tmp_path / f"{name}.csv"
+
+    # fold a: T = 2 (raw 0.9/0.1 -> 0.75/0.25); fold b: T = 1, no raw columns (raw = p)
+    files = [fold("a", [0.75, 0.25], [0.9, 0.1]), fold("b", [0.6, 0.4])]
+    write_outputs(evaluate_files(files, bootstrap=0), tmp_path / "ev")
+    got = json.loads((tmp_path / "ev" / "calibration.json").read_text())
+    # every top label is right: ECE = mean(1 - confidence)
+    assert got["ece_before"] == pytest.approx((0.1 + 0.1 + 0.4 + 0.4) / 4)
+    assert got["ece"] == pytest.approx((0.25 + 0.25 + 0.4 + 0.4) / 4)
+    assert got["before_rows_unknown"] == 0
+
+
 def test_risk_coverage_ties_move_together_and_the_oracle_is_the_floor():
     # two confidence levels, one error in each: the curve has two points, not four
     curve = cal.risk_coverage([0.9, 0.9, 0.6, 0.6], [True, False, True, False])

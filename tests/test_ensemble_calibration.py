@@ -61,7 +61,35 @@ def test_soft_temperature_and_threshold_by_hand(constant, tmp_path):
     strict = fit_ensemble(members, "soft", manifest, refer_risk=upper - 0.01)
     assert strict.refer_risk["threshold"] is None
     assert "no confidence threshold bounds the error" in strict.refer_risk["reason"]
-    assert fit_ensemble(members, "soft", manifest, calibrate="none").temperature == 1.0
+
+
+def test_a_small_temperature_keeps_the_raw_probabilities_recoverable(constant, tmp_path):
+    from histoclass.models.ensemble import Ensemble, load_member
+
+    _, members, _ = constant
+    loaded = [load_member(m, f"m{i}") for i, m in enumerate(members)]
+    # T = 0.01 takes p(malignant) 0.1 to 1 / (1 + 9 ** 100), about 1e-95: float32 would round
+    # it to 0 and lose the raw 0.1; the PyTorch path keeps float64
+    path = Ensemble(loaded, "soft", member_paths=members, temperature=0.01).save(tmp_path / "e")
+    images = [str(p) for p in sorted(sample_path("ucsb").rglob("*.jpg"))[:2]]
+    from histoclass.predict import predict_paths
+
+    frame = predict_paths(load_model_file(path), images).frame
+    assert (frame["p_malignant"] > 0).all() and (frame["p_malignant"] < 1e-90).all()
+    assert frame["raw.p_malignant"].to_numpy() == pytest.approx(0.1, abs=1e-6)
+
+
+def test_soft_without_a_usable_val_split_still_works_and_says_why(constant, tmp_path):
+    manifest, members, _ = constant
+    frame = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    none = tmp_path / "noval.csv"
+    frame.assign(split=frame["split"].replace("val", "train")).to_csv(none, index=False)
+    ens = fit_ensemble(members, "soft", none)
+    assert ens.temperature == 1.0 and "no validation rows" in ens.calibration["reason"]
+    with pytest.raises(ValueError, match="no validation rows"):
+        fit_ensemble(members, "soft", none, refer_risk=0.1)
+    quiet = fit_ensemble(members, "soft", manifest, calibrate="none")
+    assert quiet.calibration["reason"] == "calibration none" and quiet.temperature == 1.0
 
 
 def test_hard_fits_no_temperature_but_states_a_rule_on_vote_share(constant):

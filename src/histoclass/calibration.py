@@ -264,6 +264,19 @@ def uncalibrated(probs: np.ndarray, temperature: float) -> np.ndarray:
         return raw / raw.sum(axis=1, keepdims=True)
 
 
+def recovered(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """:func:`uncalibrated` where it is exact; ``NaN`` rows where ``T < 1`` sharpened some
+    probability to exactly 0 (it underflowed: the network's own value cannot be recovered)."""
+    raw = uncalibrated(probs, temperature)
+    if temperature < 1:
+        lost = (np.asarray(probs) == 0).any(axis=1)
+        if lost.any():
+            log.warning("%d row(s): probabilities underflowed under T = %.3g; their raw.p_ "
+                        "columns are left empty", int(lost.sum()), temperature)
+        raw[lost] = np.nan
+    return raw
+
+
 def referral(confidence: Sequence[float], threshold: float | None,
              disagree: np.ndarray | None = None, error: np.ndarray | None = None
              ) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from histoclass.calibration import referral, uncalibrated
+from histoclass.calibration import recovered, referral
 from histoclass.data.breakhis import describe_path
 from histoclass.data.files import refuse_output, walk
 from histoclass.data.images import IMAGE_SUFFIXES, ImageLoadError, load_rgb
@@ -170,7 +170,7 @@ def score_frame(clf: Classifier, scores: Scores, refer_threshold: float | None =
     frame["confidence"] = proba.max(axis=1) if len(proba) else []
     t, low = getattr(clf, "temperature", 1.0), getattr(clf, "confidence_threshold", None)
     if t != 1.0:  # the network's own probabilities, for audits
-        _probs(frame, clf.classes, uncalibrated(proba, t), "raw.")
+        _probs(frame, clf.classes, recovered(proba, t), "raw.")
     disagree = None
     if clf.is_ensemble:
         for m, name in enumerate(clf.member_names):

@@ -29,12 +29,29 @@ from histoclass.metrics import bootstrap_ci, reliability, top_label
 BINS = 15
 CURVE_POINTS = 200  # the stored curve is thinned to at most this many points; AURC is exact
 NOT_CALIBRATED = ("not calibrated: the predictions carry no raw.p_ columns, so the model "
-                  "applied no temperature (T = 1); there is no 'before' to compare")
+                  "applied no temperature of its own (T = 1; an ensemble's members may apply "
+                  "theirs); there is no 'before' to compare")
 
 
 def _probs(frame: pd.DataFrame, prob_columns: list[str], prefix: str = "") -> np.ndarray:
     p = frame[[prefix + c for c in prob_columns]].to_numpy(float)
     return np.column_stack([1 - p[:, 0], p[:, 0]]) if len(prob_columns) == 1 else p
+
+
+def _before(frame: pd.DataFrame, prob_columns: list[str]) -> tuple[pd.DataFrame | None, int]:
+    """The rows' probabilities before the temperature (``raw.p_``), or ``None`` when no file
+    has them, and how many rows lack them. A file (fold) without the columns applied none
+    (T = 1: its ``p_`` are its raw ones); an empty cell in a file that has them underflowed
+    (:func:`histoclass.calibration.recovered`) and is left out of "before"."""
+    raw = [f"raw.{c}" for c in prob_columns]
+    if not all(c in frame.columns for c in raw):
+        return None, 0
+    out = frame[raw].apply(pd.to_numeric, errors="coerce")  # an empty cell is unknown
+    by = frame["source"] if "source" in frame.columns else pd.Series(0, index=frame.index)
+    untempered = out.isna().all(axis=1).groupby(by).transform("all").to_numpy()
+    out.loc[untempered, :] = frame.loc[untempered, prob_columns].to_numpy(float)
+    out.columns = prob_columns
+    return out, int(out.isna().any(axis=1).sum())
 
 
 def _bins(y: np.ndarray, p: np.ndarray) -> dict[str, list]:
@@ -58,8 +75,11 @@ def summary(frame: pd.DataFrame, prob_columns: list[str], settings: dict[str, An
     bootstrap, seed = settings.get("bootstrap", 1000), settings.get("seed", 0)
     y = frame["y"].to_numpy(int)
     p = _probs(frame, prob_columns)
-    raw = all(f"raw.{c}" in frame.columns for c in prob_columns)
-    before = _probs(frame, prob_columns, "raw.") if raw else None
+    raw_frame, lost = _before(frame, prob_columns)
+    raw = raw_frame is not None
+    keep = raw_frame.notna().all(axis=1).to_numpy() if raw else None
+    before = _probs(raw_frame[keep], prob_columns) if raw else None
+    y_before = y[keep] if raw else None
     reasons = frame.get("refer_reason", pd.Series([""] * len(frame), index=frame.index))
     low = reasons.astype(str).str.contains("confidence ").to_numpy()
 
@@ -73,9 +93,11 @@ def summary(frame: pd.DataFrame, prob_columns: list[str], settings: dict[str, An
     out: dict[str, Any] = {
         "images": len(y), "bins": BINS, "calibrated": raw, "note": None if raw else NOT_CALIBRATED,
         "ece": calibration.ece(p, y, BINS), "brier": calibration.brier(p, y),
-        "ece_before": calibration.ece(before, y, BINS) if raw else None,
-        "brier_before": calibration.brier(before, y) if raw else None,
-        "reliability": {"after": _bins(y, p), "before": _bins(y, before) if raw else None},
+        "ece_before": calibration.ece(before, y_before, BINS) if raw else None,
+        "brier_before": calibration.brier(before, y_before) if raw else None,
+        "before_rows_unknown": lost,
+        "reliability": {"after": _bins(y, p), "before": _bins(y_before, before) if raw
+                        else None},
         "risk_coverage": _thin(curve),
         "referral_rule": "confidence below the model's refer_risk threshold" if low.any()
         else None}

@@ -193,7 +193,7 @@ class OnnxClassifier:
             z = np.log(np.clip(proba, 1e-30, None)) / self.temperature
             z = np.exp(z - z.max(1, keepdims=True))
             proba = z / z.sum(1, keepdims=True)
-        proba = proba.astype(np.float32)
+        # float64, as PyTorch's: a small T must not underflow what raw.p_ is recovered from
         return Scores(proba, proba.argmax(-1), proba[None], np.zeros(len(proba), np.float32))
 
     def predict_images(self, images: Sequence[np.ndarray | Image.Image], tta: bool = False

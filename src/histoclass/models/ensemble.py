@@ -193,7 +193,8 @@ class Ensemble:
         probs, feats = [], []
         for m, x in zip(self.members, inputs, strict=True):
             f, logits = member_logits(m.model, x.to(self.device), features, head_of(m.meta))
-            probs.append((logits.float() / m.meta.get("temperature", 1.0)).softmax(-1))
+            # float64: a small T must not underflow what raw.p_ is recovered from
+            probs.append((logits.double() / m.meta.get("temperature", 1.0)).softmax(-1))
             feats.append(f)
         return torch.stack(probs), feats
 
@@ -214,7 +215,7 @@ class Ensemble:
             pred = proba.argmax(-1)
         else:
             proba, pred = combine(self.method, members, weights=self.weights, stack=self.stack)
-        return Output(temper(proba, self.own_temperature), pred, members,
+        return Output(temper(proba.double(), self.own_temperature), pred, members,
                       disagreement(self.method, members, pred))
 
     # -- the ensemble file ------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def temper(proba: torch.Tensor, temperature: float) -> torch.Tensor:
     (``proba`` itself when ``T = 1``; clamped so a zero stays a finite logit)."""
     if temperature == 1.0:
         return proba
-    return (proba.clamp_min(1e-30).log() / temperature).softmax(-1)
+    return (proba.clamp_min(torch.finfo(proba.dtype).tiny).log() / temperature).softmax(-1)
 
 
 def stack_features(members: torch.Tensor) -> torch.Tensor:

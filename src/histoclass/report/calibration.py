@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 
-from histoclass.evaluate import Evaluation, probabilities
+from histoclass.evaluate import Evaluation
 from histoclass.report.parts import fmt, reliability_figure, risk_coverage_figure, table
 
 
@@ -37,9 +37,7 @@ def calibration_section(ev: Evaluation) -> list[str]:
     c = ev.calibration
     if not c:
         return []
-    frame, task = ev.frame, ev.task
-    y, p = frame["y"].to_numpy(int), probabilities(frame, task)
-    parts = ["<h2>Calibration and referral</h2>"]
+    parts, bins = ["<h2>Calibration and referral</h2>"], c["reliability"]
     if c["calibrated"]:
         rows = [["before the temperature (raw.p_ columns)", fmt(c["ece_before"]),
                  fmt(c["brier_before"])], ["after (p_ columns, as predicted)", fmt(c["ece"]),
@@ -47,13 +45,17 @@ def calibration_section(ev: Evaluation) -> list[str]:
     else:
         parts.append(f"<p><b>{html.escape(c['note'])}</b></p>")
         rows = [["as predicted (p_ columns)", fmt(c["ece"]), fmt(c["brier"])]]
-    parts += [table(["probabilities", f"ECE ({c['bins']} bins)", "Brier"], rows),
-              '<div class="figs">']
+    parts.append(table(["probabilities", f"ECE ({c['bins']} bins)", "Brier"], rows))
+    if c.get("before_rows_unknown"):
+        parts.append(f"<p>{c['before_rows_unknown']} row(s) have empty raw.p_ cells (a "
+                     "probability underflowed under T &lt; 1): left out of the 'before' figures."
+                     "</p>")
+    parts.append('<div class="figs">')
     if c["calibrated"]:
-        parts.append(reliability_figure(y, probabilities(frame, task, "raw."), c["ece_before"],
+        parts.append(reliability_figure(bins["before"], c["ece_before"],
                                         "Before the temperature"))
-    parts.append(reliability_figure(y, p, c["ece"], "After the temperature" if c["calibrated"]
-                                    else "Reliability"))
+    parts.append(reliability_figure(bins["after"], c["ece"], "After the temperature"
+                                    if c["calibrated"] else "Reliability"))
     curve = c["risk_coverage"]
     parts += [risk_coverage_figure(curve, _chosen(c)), "</div>",
               f"<p>{html.escape(_rule_text(c))} AURC {fmt(curve['aurc'])} (an oracle that "

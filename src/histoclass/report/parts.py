@@ -10,8 +10,6 @@ import io
 import numpy as np
 from matplotlib.figure import Figure
 
-from histoclass.metrics import reliability, top_label
-
 
 def fmt(value: float | None) -> str:
     """Three decimals, or ``n/a`` for an undefined metric."""
@@ -62,10 +60,12 @@ def roc_figure(y: np.ndarray, p: np.ndarray, classes: tuple[str, ...],
     return png(fig)
 
 
-def reliability_figure(y: np.ndarray, p: np.ndarray, ece_value: float | None,
-                       title: str = "Reliability") -> str:
-    """Reliability diagram over the top-label confidence (the bins ECE uses)."""
-    n, acc, conf = reliability(*top_label(y, p))
+def reliability_figure(bins: dict, ece_value: float | None, title: str = "Reliability") -> str:
+    """Reliability diagram over the top-label confidence from ``calibration.json``'s bins
+    (``count``, ``accuracy``, ``confidence`` per bin: the bins ECE uses)."""
+    n = np.asarray(bins["count"])
+    acc, conf = (np.array([np.nan if v is None else v for v in bins[k]], float)
+                 for k in ("accuracy", "confidence"))
     width = 1 / len(n)
     centers = (np.arange(len(n)) + 0.5) * width
     fig = Figure(figsize=(4.2, 4))

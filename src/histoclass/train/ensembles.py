@@ -112,19 +112,25 @@ def fit_ensemble(
     seen = trained_on_val(base)
     if method in ("soft", "hard"):
         fit0 = {"manifest": str(manifest) if manifest else None, "fold": fold, "rows": 0}
-        if seen or manifest is None:
-            if manifest is None and refer_risk is not None:
-                raise ValueError("--refer-risk is chosen on a validation split: give --manifest")
-            why = (f"member(s) {', '.join(seen)} were trained on the validation split "
-                   "(--probe-select cv): the ensemble's outputs there are in-sample" if seen
-                   else "no --manifest: no validation split to fit on")
+        if manifest is None and refer_risk is not None:
+            raise ValueError("--refer-risk is chosen on a validation split: give --manifest")
+        why = (f"member(s) {', '.join(seen)} were trained on the validation split "
+               "(--probe-select cv): the ensemble's outputs there are in-sample" if seen
+               else "no --manifest: no validation split to fit on" if manifest is None
+               else "calibration none" if calibrate == "none" and refer_risk is None else None)
+        if why is None:  # soft/hard read val only to calibrate: without it they still work
+            try:
+                frame = _validation(manifest, fold, base, fitted=False)
+                index, probs, _, skipped = member_outputs(base, list(frame["path"]), False,
+                                                          batch_size, workers)
+            except ValueError as exc:
+                if refer_risk is not None:
+                    raise
+                why = str(exc)
+        if why is not None:
             return make(fit0, **_not_fitted(why, cal))
-        frame = _validation(manifest, fold, base, fitted=False)
-        index, probs, _, skipped = member_outputs(base, list(frame["path"]), False, batch_size,
-                                                  workers)
         y = _targets(base, frame.iloc[index])
-        ens = make(fit0)
-        return _calibrated(ens, probs, None, y, range(len(y)), "val split", cal)
+        return _calibrated(make(fit0), probs, None, y, range(len(y)), "val split", cal)
     if manifest is None:
         raise ValueError(f"method {method!r} is fitted on a validation split: give --manifest")
     frame = _validation(manifest, fold, base)
@@ -181,11 +187,15 @@ def _calibrated(ens: Ensemble, probs: torch.Tensor, feats: torch.Tensor | None,
         proba, _ = fuse(ens.method, probs[:, rows].to(dev),
                         [] if feats is None else [feats[rows].to(dev)], weights=ens.weights,
                         stack=ens.stack, head=None if ens.head is None else ens.head.eval())
-    proba = proba.cpu()
-    z = np.log(np.clip(proba.double().numpy(), 1e-30, None))
+    proba = proba.double().cpu().numpy()
+    finite = np.isfinite(proba).all(axis=1)
+    if not finite.all():  # one NaN row would make every temperature's NLL NaN
+        log.warning("calibrating without %d validation image(s) whose ensemble output is "
+                    "NaN/inf", int((~finite).sum()))
+    z = np.log(np.clip(proba[finite], 1e-300, None))
     method = "none" if ens.method == "hard" else cal["method"]
-    rec = calibrate_logits(z, y[rows].numpy(), method, cal["risk"], cal["delta"])
-    rec["calibration"].update(method=cal["method"], fitted_on=f"{on}: {len(rows)} image(s)")
+    rec = calibrate_logits(z, y[rows].numpy()[finite], method, cal["risk"], cal["delta"])
+    rec["calibration"].update(method=cal["method"], fitted_on=f"{on}: {len(z)} image(s)")
     if ens.method == "hard" and cal["method"] == "temperature":
         rec["calibration"]["reason"] = ("hard voting: a vote share is a count of members, not a "
                                         "probability; no temperature fitted")

@@ -124,11 +124,15 @@ def _load_text(obj: dict[str, Any], ref: str, folder: str) -> list[str]:
               f'{where[0]}", pretrained=True).eval()',
               "cfg = timm.data.resolve_data_config(model=model)  # squash resize + normalise",
               "x = timm.data.create_transform(**cfg)(Image.open('image.png').convert('RGB'))",
-              f"probs = (model(x[None]) / {obj.get('temperature') or 1.0}).softmax(-1)", "```"]
+              f"probs = (model(x[None]) / {obj.get('temperature') or 1.0}).softmax(-1)"
+              if obj["kind"] == "member" else "probs = (model(x[None]) / T).softmax(-1)  # T: "
+              "the member's temperature in its histoclass.json", "```"]
     if obj["kind"] == "ensemble":
         lines += ["", f"The members are combined by `{obj['method']}` with the parameters in "
                   "`histoclass.json` (`weights`, `stack`, or the concat head in "
-                  "`head.safetensors`); histoclass applies the rule for you."]
+                  "`head.safetensors`), then the ensemble's own temperature "
+                  f"{obj.get('temperature') or 1.0} rescales the combined probabilities as "
+                  "`softmax(log(p) / T)`; histoclass applies both for you."]
     if obj.get("stain"):
         lines += ["", "The images were stain-normalised before the network (the target is in "
                   "`histoclass.json`): histoclass applies it; timm's transform does not."]
