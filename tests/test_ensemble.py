@@ -39,7 +39,8 @@ def _run(method, *ps, **kw):
 
 def test_soft_vote_is_the_plain_mean():
     out = _run("soft", A, B, C)
-    torch.testing.assert_close(out.proba[:, 1], torch.tensor([2.0 / 3, 1.1 / 3, 0.7 / 3]))
+    torch.testing.assert_close(out.proba[:, 1].float(),
+                               torch.tensor([2.0 / 3, 1.1 / 3, 0.7 / 3]))
     assert out.pred.tolist() == [1, 0, 0]
     sd0 = float(np.std([0.9, 0.3, 0.8]))
     assert out.disagreement[0].item() == pytest.approx(sd0, abs=1e-6)
@@ -47,7 +48,7 @@ def test_soft_vote_is_the_plain_mean():
 
 def test_weighted_vote_uses_the_weights():
     out = _run("weighted", A, B, C, weights=[0.5, 0.25, 0.25])
-    torch.testing.assert_close(out.proba[:, 1], torch.tensor([0.725, 0.425, 0.225]))
+    torch.testing.assert_close(out.proba[:, 1].float(), torch.tensor([0.725, 0.425, 0.225]))
     assert out.pred.tolist() == [1, 0, 0]
 
 
@@ -58,17 +59,17 @@ def test_hard_vote_majority_and_vote_share():
     e = HARD_EPS
     soft = [(0.9 + 0.3 + 0.8) / 3, (0.6 + 0.2 + 0.3) / 3, (0.2 + 0.4 + 0.1) / 3]
     expected = [(v + e * s) / (3 + e) for v, s in zip([2, 1, 0], soft, strict=True)]
-    torch.testing.assert_close(out.proba[:, 1], torch.tensor(expected))
-    torch.testing.assert_close(out.proba.sum(1), torch.ones(3))
+    torch.testing.assert_close(out.proba[:, 1].float(), torch.tensor(expected))
+    torch.testing.assert_close(out.proba.sum(1).float(), torch.ones(3))
     assert out.pred.tolist() == [1, 0, 0]
-    torch.testing.assert_close(out.disagreement, torch.tensor([1 / 3, 1 / 3, 0.0]))
+    torch.testing.assert_close(out.disagreement.float(), torch.tensor([1 / 3, 1 / 3, 0.0]))
 
 
 def test_hard_vote_tie_is_broken_by_the_soft_average():
     # Both rows are 1:1 ties; soft averages 0.6 (malignant) and 0.35 (benign).
     out = _run("hard", [0.9, 0.6], [0.3, 0.1])
     e = HARD_EPS
-    torch.testing.assert_close(out.proba[:, 1], torch.tensor([(1 + e * 0.6) / (2 + e),
+    torch.testing.assert_close(out.proba[:, 1].float(), torch.tensor([(1 + e * 0.6) / (2 + e),
                                                               (1 + e * 0.35) / (2 + e)]))
     assert out.pred.tolist() == [1, 0]
     assert ((out.proba[:, 1] >= 0.5).long() == out.pred).all()  # thresholding agrees with pred
@@ -79,7 +80,7 @@ def test_hard_vote_tie_is_broken_by_the_soft_average():
     # soft: x 0.3, y 0.4, z 0.3 -> y
     assert out3.pred.tolist() == [1]
     e = HARD_EPS
-    torch.testing.assert_close(out3.proba, torch.tensor([[(1 + e * 0.3) / (3 + e),
+    torch.testing.assert_close(out3.proba.float(), torch.tensor([[(1 + e * 0.3) / (3 + e),
                                                           (1 + e * 0.4) / (3 + e),
                                                           (1 + e * 0.3) / (3 + e)]]))
 
@@ -87,7 +88,8 @@ def test_hard_vote_tie_is_broken_by_the_soft_average():
 def test_stack_applies_the_stored_logistic_regression():
     out = _run("stack", A, B, C, stack={"coef": [[1.0, 2.0, -1.0]], "intercept": [-0.5]})
     z = [0.9 + 0.6 - 0.8 - 0.5, 0.6 + 0.4 - 0.3 - 0.5, 0.2 + 0.8 - 0.1 - 0.5]
-    torch.testing.assert_close(out.proba[:, 1], torch.tensor([1 / (1 + math.exp(-v)) for v in z]))
+    expected = torch.tensor([1 / (1 + math.exp(-v)) for v in z])
+    torch.testing.assert_close(out.proba[:, 1].float(), expected)
 
 
 def test_multiclass_disagreement_is_mean_total_variation():
