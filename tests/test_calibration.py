@@ -213,7 +213,7 @@ def test_evaluate_and_report_before_and_after_the_temperature(tmp_path):
     # confusion, ROC, reliability before and after, risk-coverage
     assert page.count("data:image/png;base64,") == 5
     assert "before the temperature (raw.p_ columns)" in page and "not calibrated" not in page
-    assert "No image was referred for low confidence" in page
+    assert "No image was referred for low confidence: the model carries no" in page
 
 
 def test_a_temperature_at_the_edge_of_its_range_is_noted(caplog):

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 #: Search range of ``log T``: ``T`` in about ``[0.01, 100]``.
 LOG_T_BOUNDS = (-4.6, 4.6)
+#: Fewer validation images than this and the record carries a caution (a rule of thumb: with
+#: 15 ECE bins, under about two images per bin the fit follows noise).
+FEW = 30
 
 
 def _probs_labels(probs: np.ndarray, labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -223,6 +226,10 @@ def calibrate_logits(logits: np.ndarray, labels: Sequence[int], method: str = "t
     else:
         t = fit_temperature(z, y)
     record = {"images": len(y), "method": method}
+    if not reason and len(y) < FEW:
+        record["caution"] = (f"fitted on {len(y)} validation images (< {FEW}): its effect on "
+                             "new images is uncertain; check ECE on test")
+        log.warning("calibration: %s", record["caution"])
     if reason:
         record["reason"] = reason
     elif any(abs(nll(z, y, t) - nll(z, y, float(np.exp(b)))) <= 1e-9 + 1e-6 * nll(z, y, t)

@@ -176,8 +176,7 @@ def calibration_line(temperature: float, calibration: dict | None, rule: dict | 
         text = (f"temperature {temperature:.3f} fitted on {c.get('fitted_on', 'val split')}"
                 + (f" (ECE {c['ece_before']:.3f} -> {c['ece_after']:.3f})"
                    if c.get("ece_before") is not None and c.get("ece_after") is not None else ""))
-    if c.get("note"):
-        text += f" [{c['note']}]"
+    text += "".join(f" [{c[k]}]" for k in ("note", "caution") if c.get(k))
     if rule and rule.get("threshold") is None:
         text += f"; no referral rule: {rule.get('reason')}"
     elif rule:

@@ -19,8 +19,10 @@ def _chosen(c: dict) -> tuple[float, float] | None:
 
 def _rule_text(c: dict) -> str:
     if c.get("referral_rule") is None:
-        return ("No image was referred for low confidence (no --refer-risk rule in these "
-                "predictions): the curve shows what each confidence threshold would keep.")
+        return ("No image was referred for low confidence: the model carries no --refer-risk "
+                "threshold (none was asked, or none could be certified on its validation "
+                "split; its file says which). The curve shows what each confidence threshold "
+                "would keep.")
     if _chosen(c) is None:
         return "The --refer-risk rule referred every image: no error among kept images."
     ci = c.get("ci95") or {}

@@ -116,8 +116,8 @@ def fit_ensemble(
             raise ValueError("--refer-risk is chosen on a validation split: give --manifest")
         why = (f"member(s) {', '.join(seen)} were trained on the validation split "
                "(--probe-select cv): the ensemble's outputs there are in-sample" if seen
-               else "no --manifest: no validation split to fit on" if manifest is None
-               else "calibration none" if calibrate == "none" and refer_risk is None else None)
+               else "calibration none" if calibrate == "none" and refer_risk is None
+               else "no --manifest: no validation split to fit on" if manifest is None else None)
         if why is None:  # soft/hard read val only to calibrate: without it they still work
             try:
                 frame = _validation(manifest, fold, base, fitted=False)
@@ -202,8 +202,9 @@ def _calibrated(ens: Ensemble, probs: torch.Tensor, feats: torch.Tensor | None,
     ens.own_temperature = rec["temperature"]
     ens.calibration, ens.refer_risk = rec["calibration"], rec["refer_risk"]
     c = rec["calibration"]
-    log.info("%s ensemble: temperature %.4f on %s%s", ens.method, ens.own_temperature,
-             c["fitted_on"], "" if rec["refer_risk"] is None else
+    log.info("%s ensemble: temperature %.4f %s%s", ens.method, ens.own_temperature,
+             f"(not fitted: {c['reason']})" if c.get("reason") else f"fitted on {c['fitted_on']}",
+             "" if rec["refer_risk"] is None else
              f"; refer below confidence {rec['refer_risk']['threshold']}")
     return ens
 

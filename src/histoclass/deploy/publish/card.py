@@ -128,9 +128,11 @@ def _load_text(obj: dict[str, Any], ref: str, folder: str) -> list[str]:
               if obj["kind"] == "member" else "probs = (model(x[None]) / T).softmax(-1)  # T: "
               "the member's temperature in its histoclass.json", "```"]
     if obj["kind"] == "ensemble":
-        lines += ["", f"The members are combined by `{obj['method']}` with the parameters in "
-                  "`histoclass.json` (`weights`, `stack`, or the concat head in "
-                  "`head.safetensors`), then the ensemble's own temperature "
+        rule = {"soft": "their mean", "hard": "a majority vote", "weighted": "the `weights` "
+                "in `histoclass.json`", "stack": "the `stack` logistic regression in "
+                "`histoclass.json`", "concat": "the head in `head.safetensors`"}[obj["method"]]
+        lines += ["", f"The members are combined by `{obj['method']}` ({rule}), then the "
+                  "ensemble's own temperature "
                   f"{obj.get('temperature') or 1.0} rescales the combined probabilities as "
                   "`softmax(log(p) / T)`; histoclass applies both for you."]
     if obj.get("stain"):
