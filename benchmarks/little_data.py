@@ -15,8 +15,9 @@ its group.
   when ``histoclass train --help`` does not offer them.
 
 Metrics pooled over folds: accuracy, balanced accuracy, ECE before/after temperature scaling
-(T fitted on held-out scores: the fold's val split for the CLI, inner out-of-fold scores for
-the probe), coverage at ALPHA = 0.1 (threshold from the same held-out scores; a fold where no
+(the CLI model's own T, fitted by histoclass on held-out scores: the fold's val split, or the
+out-of-fold logits of a ``--probe-select cv`` member; inner out-of-fold scores for the
+probe), coverage at ALPHA = 0.1 (threshold from the same held-out scores; a fold where no
 threshold can be certified refers all its images). Crossover: k training images per class,
 fine-tuning vs the frozen probe (lite0).
 
@@ -48,6 +49,8 @@ from little_data_probe import (
     timm_state_dict,
 )
 from sklearn.metrics import accuracy_score
+
+from histoclass.calibration import choose_refer_threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ucsb-breast" / "manifest.csv"
@@ -105,24 +108,24 @@ def cli_fold(run: Path, manifest: Path, fold: int | None, weights: Path, flags: 
 
 
 def scored(model: Path, manifest: Path, fold: int | None, y_val, y_test) -> dict:
-    """An ensemble is scored with its own temperature and ``--refer-risk`` threshold
-    (``histoclass ensemble`` fitted them on val), and so is a ``--probe-select cv`` member
-    (fitted on its out-of-fold logits: val was part of its training); an ensemble of such
-    members has none (its val outputs are in-sample) and is scored as predicted. Other members:
-    temperature and threshold fitted here on the fold's val scores."""
+    """A CLI model scored with its own temperature (``ECE`` before it, ``ECE after T`` with
+    it: fitted by histoclass on val, out-of-fold for ``--probe-select cv``, on the combined
+    val probabilities for an ensemble) and its own ``--refer-risk`` threshold; a model trained
+    without ``--refer-risk`` gets the threshold that rule would choose on its val scores. An
+    ensemble of cv members has neither (its val outputs are in-sample): scored as predicted."""
     from histoclass.models.ensemble import load_model_file
 
     zt = logits_from_p(scores(model, manifest, "test", fold))  # after the model's own T
     ens = load_model_file(model)
     if ens.is_ensemble and (ens.calibration or {}).get("reason"):
         return {"T": None, "threshold": None, "p": softmax(zt), "p_cal": None}
-    cv = any((m.meta.get("linear") or {}).get("probe_select") == "cv" for m in ens.members)
-    if ens.is_ensemble or cv:
-        t = ens.temperature
-        return {"T": t, "threshold": ens.confidence_threshold, "p": softmax(zt * t),
-                "p_cal": softmax(zt)}
-    zv = logits_from_p(scores(model, manifest, "val", fold))
-    return fold_scores(zv, y_val, zt)
+    t, threshold = ens.temperature, ens.confidence_threshold
+    rule = ens.refer_risk if ens.is_ensemble else ens.members[0].meta.get("refer_risk")
+    if rule is None:  # not asked at training: what the rule would choose on val
+        pv = softmax(logits_from_p(scores(model, manifest, "val", fold)))
+        found = choose_refer_threshold(pv.max(1), pv.argmax(1) == y_val, ALPHA, DELTA)
+        threshold = None if found is None else found["threshold"]
+    return {"T": t, "threshold": threshold, "p": softmax(zt * t), "p_cal": softmax(zt)}
 
 
 def stale(path: Path) -> bool:
