@@ -43,7 +43,6 @@ from little_data_probe import (
     fit_probe,
     fold_scores,
     logits_from_p,
-    softmax,
     summary,
     tile_features,
     timm_state_dict,
@@ -85,13 +84,21 @@ def available(flags: list[str], help_text: str) -> bool:
                for f in flags if f.startswith("--"))  # --head must not match --head-lr
 
 
-def scores(model: Path, manifest: Path, split: str, fold: int | None) -> np.ndarray:
-    """``p_malignant`` of one split, through the library path ``histoclass predict`` uses."""
+def scores(model: Path, manifest: Path, split: str, fold: int | None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """``[n, 2]`` probabilities of one split, through the library path ``histoclass predict``
+    uses: as predicted, and before the model's own temperature (its ``raw.p_`` columns; the
+    predicted ones when it has none). An empty ``raw.p_`` cell underflowed under a ``T < 1``:
+    its calibrated value (0 or 1) stands in, within ``exp(-745 T)`` of the truth (5.8e-4 at
+    the smallest T, 0.01)."""
     from histoclass.models.ensemble import load_model_file
     from histoclass.predict import predict_manifest
 
-    pred = predict_manifest(load_model_file(model), manifest, split, fold, workers=0)
-    return pred.frame["p_malignant"].to_numpy(float)
+    frame = predict_manifest(load_model_file(model), manifest, split, fold, workers=0).frame
+    p = frame["p_malignant"].to_numpy(float)
+    r = frame.get("raw.p_malignant", frame["p_malignant"]).to_numpy(float)
+    r = np.where(np.isnan(r), p, r)
+    return np.column_stack([1 - p, p]), np.column_stack([1 - r, r])
 
 
 def cli_fold(run: Path, manifest: Path, fold: int | None, weights: Path, flags: list[str],
@@ -115,17 +122,18 @@ def scored(model: Path, manifest: Path, fold: int | None, y_val, y_test) -> dict
     ensemble of cv members has neither (its val outputs are in-sample): scored as predicted."""
     from histoclass.models.ensemble import load_model_file
 
-    zt = logits_from_p(scores(model, manifest, "test", fold))  # after the model's own T
+    pt, raw = scores(model, manifest, "test", fold)  # after / before the model's own T
     ens = load_model_file(model)
     if ens.is_ensemble and (ens.calibration or {}).get("reason"):
-        return {"T": None, "threshold": None, "p": softmax(zt), "p_cal": None}
-    t, threshold = ens.temperature, ens.confidence_threshold
+        return {"T": None, "threshold": None, "p": pt, "p_cal": None}
+    threshold = ens.confidence_threshold
     rule = ens.refer_risk if ens.is_ensemble else ens.members[0].meta.get("refer_risk")
     if rule is None:  # not asked at training: what the rule would choose on val
-        pv = softmax(logits_from_p(scores(model, manifest, "val", fold)))
+        pv = scores(model, manifest, "val", fold)[0]
         found = choose_refer_threshold(pv.max(1), pv.argmax(1) == y_val, ALPHA, DELTA)
         threshold = None if found is None else found["threshold"]
-    return {"T": t, "threshold": threshold, "p": softmax(zt * t), "p_cal": softmax(zt)}
+    return {"T": ens.temperature, "threshold": threshold,
+            "p": raw, "p_cal": pt}
 
 
 def stale(path: Path) -> bool:
