@@ -269,7 +269,7 @@ def crossover(args, frame, y, col, folds, x, weights) -> list[str]:
             sub.to_csv(man, index=False)
             best = cli_fold(man.parent / "run", man, None, weights, [], args)
             yt_all.append(y[te])
-            ft_all.append((scores(best, man, "test", None) > 0.5).astype(int))
+            ft_all.append((scores(best, man, "test", None)[0][:, 1] > 0.5).astype(int))
             pr_all.append(probe.predict(x[te]))
         yt = np.concatenate(yt_all)
         out.append(f"| {k} | {accuracy_score(yt, np.concatenate(ft_all)):.3f} | "
