@@ -33,8 +33,8 @@ NOT_CALIBRATED = ("not calibrated: the predictions carry no raw.p_ columns, so t
                   "theirs); there is no 'before' to compare")
 
 
-def _probs(frame: pd.DataFrame, prob_columns: list[str], prefix: str = "") -> np.ndarray:
-    p = frame[[prefix + c for c in prob_columns]].to_numpy(float)
+def _probs(frame: pd.DataFrame, prob_columns: list[str]) -> np.ndarray:
+    p = frame[prob_columns].to_numpy(float)
     return np.column_stack([1 - p[:, 0], p[:, 0]]) if len(prob_columns) == 1 else p
 
 

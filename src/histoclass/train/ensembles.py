@@ -192,7 +192,7 @@ def _calibrated(ens: Ensemble, probs: torch.Tensor, feats: torch.Tensor | None,
     if not finite.all():  # one NaN row would make every temperature's NLL NaN
         log.warning("calibrating without %d validation image(s) whose ensemble output is "
                     "NaN/inf", int((~finite).sum()))
-    z = np.log(np.clip(proba[finite], 1e-300, None))
+    z = np.log(np.clip(proba[finite], np.finfo(float).tiny, None))  # as voting.temper
     method = "none" if ens.method == "hard" else cal["method"]
     rec = calibrate_logits(z, y[rows].numpy()[finite], method, cal["risk"], cal["delta"])
     rec["calibration"].update(method=cal["method"], fitted_on=f"{on}: {len(z)} image(s)")
